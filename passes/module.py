@@ -1,0 +1,165 @@
+"""Rewrite the eager model the way ``apply_plan`` rewrote its graph, so ``generate()`` keeps working.
+
+Reads: a plan, the graph before and after ``apply_plan`` (for the shape constants that changed and
+the modules that own them). Writes: the eager module, in place (hence the trailing underscore).
+Invariant: after the rewrite the eager model computes what the rewritten graph computes; this is
+checked by running both, and the rewrite fails loudly otherwise.
+
+Integer attributes that a module's ``forward`` turns into shape constants (OPT's ``num_heads``,
+GPT-2's ``split_size`` and ``Conv1D.nf``) are found generically: every shape constant that changed
+is traced to its owning module through ``nn_module_stack``; an integer attribute of that module
+holding the old value takes the new one. Values that are ambiguous (one old value, several new ones,
+or an unchanged constant with the same value) are resolved by running the model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import fx, nn
+
+from surgeon_fx.ir import Plan
+from surgeon_fx.keys import SOURCE, SurgeonError
+from surgeon_fx.tracing import LogitsWrapper
+
+from .groups import param_aliases
+from .rewrite import ARG_RULES
+
+__all__ = ["apply_plan_to_module_", "changed_constants"]
+
+
+def changed_constants(old: fx.GraphModule, new: fx.GraphModule):
+    """Integer shape constants per owning module: ``{module path: (changed {old: {new}}, unchanged set)}``."""
+    prefix = old.meta[SOURCE].prefix.rstrip(".") if SOURCE in old.meta else ""
+    new_nodes = {n.name: n for n in new.graph.nodes}
+    changed: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    unchanged: dict[str, set[int]] = defaultdict(set)
+    for n in old.graph.nodes:
+        if n.op != "call_function" or getattr(n.target, "overloadpacket", None) not in ARG_RULES:
+            continue
+        m = new_nodes.get(n.name)
+        if m is None:
+            continue
+        stack = n.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        if path == prefix:
+            path = ""
+        elif prefix and path.startswith(prefix + "."):
+            path = path[len(prefix) + 1 :]
+        olds = [a for a in _ints(n.args)]
+        news = [a for a in _ints(m.args)]
+        if len(olds) != len(news):
+            continue
+        for a, b in zip(olds, news):
+            if a != b:
+                changed[path][a].add(b)
+            else:
+                unchanged[path].add(a)
+    return {p: (dict(changed[p]), unchanged[p]) for p in set(changed) | set(unchanged)}
+
+
+def _ints(args):
+    for a in args:
+        if isinstance(a, bool):
+            continue
+        if isinstance(a, int):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (x for x in a if isinstance(x, int) and not isinstance(x, bool))
+
+
+def _slice_params_(model: nn.Module, plan: Plan, aliases: dict[str, tuple[str, ...]]) -> set[str]:
+    owners = set()
+    for p, axes in plan.keep.items():
+        w = model.get_parameter(p)
+        t = w.detach()
+        for ax, kept in sorted(axes.items()):
+            t = t.index_select(ax, torch.as_tensor(kept, dtype=torch.long, device=t.device))
+        neww = nn.Parameter(t.contiguous(), requires_grad=w.requires_grad)
+        for name in aliases.get(p, (p,)):
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, neww)
+            owners.add(owner)
+    return owners
+
+
+def _fix_torch_layers_(model: nn.Module, owners: set[str]) -> None:
+    """Keep the size attributes of torch's own layers in step with their sliced weights."""
+    for path in owners:
+        m = model.get_submodule(path) if path else model
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+
+
+def apply_plan_to_module_(
+    model: nn.Module, plan: Plan, *, old: fx.GraphModule, new: fx.GraphModule, atol: float = 1e-4
+) -> nn.Module:
+    """Slice ``model``'s parameters by ``plan`` and update the integer attributes its graph depends on.
+
+    Args:
+        model: the eager model ``old`` was traced from (modified in place).
+        plan: the plan ``new`` was produced with.
+        old, new: the graph before and after :func:`~surgeon_fx.passes.apply_plan`.
+        atol: tolerance of the eager-vs-graph check.
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        SurgeonError: the eager model does not match the rewritten graph after the update.
+    """
+    if plan.is_empty:
+        return model
+    aliases = param_aliases(old)
+    owners = _slice_params_(model, plan, aliases)
+    _fix_torch_layers_(model, owners)
+    ambiguous: list[tuple[nn.Module, str, int, list[int]]] = []
+    for path, (changed, unchanged) in changed_constants(old, new).items():
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        for attr, val in list(vars(mod).items()):
+            if isinstance(val, bool) or not isinstance(val, int) or val not in changed:
+                continue
+            options = sorted(changed[val])
+            if len(options) == 1 and val not in unchanged:
+                setattr(mod, attr, options[0])
+            else:
+                ambiguous.append((mod, attr, val, options))
+    err = _mismatch(model, new)
+    for mod, attr, val, options in ambiguous:
+        if err is None or err <= atol:
+            break
+        for opt in options:
+            setattr(mod, attr, opt)
+            e = _mismatch(model, new)
+            if e is not None and (err is None or e < err):
+                err = e
+                break
+            setattr(mod, attr, val)
+    if err is None or err > atol:
+        raise SurgeonError(
+            f"the rewritten eager {type(model).__name__} does not match the rewritten graph "
+            f"(max abs difference {err}); a module attribute that feeds a shape may need a dependency rule"
+        )
+    return model
+
+
+def _mismatch(model: nn.Module, gm: fx.GraphModule) -> float | None:
+    info = gm.meta.get(SOURCE)
+    vocab = (info.vocab_size if info else None) or 2
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(1)).to(device)
+    try:
+        with torch.no_grad():
+            ref = gm(ids)
+            out = LogitsWrapper(model)(ids)
+        return float((ref.float() - out.float()).abs().max())
+    except Exception:
+        return None

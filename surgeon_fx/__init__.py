@@ -1,0 +1,30 @@
+"""surgeon_fx: second-order structured pruning of language models as passes over a torch.fx graph."""
+
+from . import passes  # noqa: E402  (surgeon_fx.passes)
+from .api import CompressConfig, check_model, compress
+from .ir import KINDS, Analysis, Group, Member, Plan, Scores, TraceInfo
+from .keys import GROUPS, PLAN, SCORES, SOURCE, SurgeonError, UnsupportedGraphError, require
+from .tracing import trace
+
+__all__ = [
+    "compress",
+    "CompressConfig",
+    "check_model",
+    "passes",
+    "trace",
+    "Analysis",
+    "Group",
+    "Member",
+    "Plan",
+    "Scores",
+    "TraceInfo",
+    "KINDS",
+    "GROUPS",
+    "PLAN",
+    "SCORES",
+    "SOURCE",
+    "SurgeonError",
+    "UnsupportedGraphError",
+    "require",
+]
+__version__ = "0.1.0"

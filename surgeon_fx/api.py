@@ -1,0 +1,143 @@
+"""The public entry point: ``compress(model, ratio)``, a straight line through the passes.
+
+Reads: the caller's model (never modified). Writes: nothing on disk. Invariant: trace -> groups ->
+scores -> plan -> rewrite, each stage public in :mod:`surgeon_fx.passes`; same seed, same result.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .ir import KINDS, Plan
+from .keys import PLAN
+from .tracing import trace
+
+__all__ = ["CompressConfig", "compress", "check_model"]
+
+METHODS = ("magnitude",)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything that decides what ``compress`` removes (run-time inputs stay arguments).
+
+    Attributes:
+        ratio: fraction of parameters to remove, in [0, 1).
+        method: how atoms are scored: ``"magnitude"``.
+        basis: ``"model"`` (whole model) or ``"linear"`` (decoder linear layers, as papers count).
+        kinds: structure kinds that may be removed: any of ``"heads"``, ``"mlp"``, ``"residual"``.
+        min_atoms: atoms every group keeps (0 allows removing a layer's last head or unit).
+        on_unknown: ``"error"`` or ``"freeze"`` for ops the dependency analysis has no rule for.
+        seed: seed of every random choice (example inputs, sampling).
+    """
+
+    ratio: float
+    method: str = "magnitude"
+    basis: str = "model"
+    kinds: tuple[str, ...] = field(default=KINDS)
+    min_atoms: int = 1
+    on_unknown: str = "error"
+    seed: int = 0
+
+    def __post_init__(self):
+        from surgeon_fx.passes.plan import _check_ratio
+
+        _check_ratio(self.ratio)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.basis not in ("model", "linear"):
+            raise ValueError(f"basis must be 'model' or 'linear', got {self.basis!r}")
+        kinds = tuple(self.kinds) if not isinstance(self.kinds, str) else (self.kinds,)
+        bad = [k for k in kinds if k not in KINDS]
+        if bad or not kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds!r}")
+        object.__setattr__(self, "kinds", kinds)
+        if not isinstance(self.min_atoms, int) or self.min_atoms < 0:
+            raise ValueError(f"min_atoms must be an int >= 0, got {self.min_atoms!r}")
+        if self.on_unknown not in ("error", "freeze"):
+            raise ValueError(f"on_unknown must be 'error' or 'freeze', got {self.on_unknown!r}")
+
+
+def check_model(model: nn.Module) -> None:
+    """Reject models ``compress`` cannot work on, saying what is wrong and what to do.
+
+    Raises:
+        TypeError: not an ``nn.Module``, or parameters that are not floating point.
+        ValueError: parameters with NaN/inf, or spread over several devices.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress expects a torch.nn.Module, got {type(model).__name__}")
+    devices = set()
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            raise TypeError(
+                f"parameter {name} has dtype {p.dtype}; compress needs floating-point weights "
+                "(dequantize the model first, e.g. load it with dtype=torch.float32)"
+            )
+        if not torch.isfinite(p).all():
+            raise ValueError(f"parameter {name} contains NaN or inf values; fix or reload the model before compressing")
+        devices.add(p.device)
+    if len(devices) > 1:
+        raise ValueError(
+            f"the model's parameters are spread over {sorted(map(str, devices))}; move it to one "
+            "device first (model.to(device))"
+        )
+
+
+def compress(
+    model: nn.Module,
+    ratio: float,
+    *,
+    calibration=None,
+    method: str | None = None,
+    config: CompressConfig | None = None,
+    **options,
+) -> nn.Module:
+    """Return a smaller copy of ``model`` with ``ratio`` of its parameters physically removed.
+
+    The pipeline: :func:`~surgeon_fx.trace` -> ``annotate_groups`` -> ``annotate_scores`` ->
+    ``annotate_plan`` -> ``apply_plan`` (graph) and ``apply_plan_to_module_`` (the copy).
+
+    Args:
+        model: a Hugging Face causal LM or a module mapping token ids to logits; not modified.
+        ratio: fraction of parameters to remove, in [0, 1).
+        calibration: token windows for curvature-based methods (unused by ``"magnitude"``).
+        method: atom scoring; ``"magnitude"`` (default).
+        config: a full :class:`CompressConfig`; ``ratio``/``method``/``options`` override its fields.
+        **options: other :class:`CompressConfig` fields (``basis``, ``kinds``, ``min_atoms``,
+            ``on_unknown``, ``seed``).
+
+    Returns:
+        A new model of the same class, smaller, whose ``forward`` and ``generate()`` work. The plan
+        that produced it is at ``result.surgeon_fx_plan`` (a :class:`~surgeon_fx.ir.Plan`).
+
+    Raises:
+        ValueError / TypeError: bad ratio, options or model (NaN weights, integer weights, ...).
+        surgeon_fx.UnsupportedGraphError: the model cannot be traced, or holds an unsupported op.
+    """
+    from surgeon_fx.passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_
+
+    fields = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
+    fields.update(options)
+    fields["ratio"] = ratio
+    if method is not None:
+        fields["method"] = method
+    cfg = CompressConfig(**fields)
+    check_model(model)
+    if calibration is not None and cfg.method == "magnitude" and method is None and "method" not in fields:
+        pass  # magnitude ignores calibration data
+    torch.manual_seed(cfg.seed)
+    work = copy.deepcopy(model).eval()
+    gm = trace(work)
+    annotate_groups(gm, on_unknown=cfg.on_unknown)
+    annotate_scores(gm, method=cfg.method)
+    annotate_plan(gm, cfg.ratio, basis=cfg.basis, kinds=cfg.kinds, min_atoms=cfg.min_atoms)
+    plan: Plan = gm.meta[PLAN]
+    new = apply_plan(gm, plan)
+    apply_plan_to_module_(work, plan, old=gm, new=new)
+    work.surgeon_fx_plan = plan
+    return work
