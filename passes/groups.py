@@ -160,6 +160,7 @@ def annotate_groups(gm: fx.GraphModule, *, rules: dict | None = None, on_unknown
             if len(approx[int(lab)]) < 64:
                 approx[int(lab)].append(reason)
 
+    head_labels = {int(x) for sl in ctx.heads for x in np.unique(label[sl])}
     # atoms: component label -> [(param, axis, indices)]
     atoms: dict[int, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
     numel: dict[str, int] = {}
@@ -195,10 +196,9 @@ def annotate_groups(gm: fx.GraphModule, *, rules: dict | None = None, on_unknown
             Member(p, ax, tuple(tuple(int(i) for i in atoms[lab][k][2]) for lab in labs))
             for k, (p, ax, _) in enumerate(sig)
         )
-        width = max(w for _, _, w in sig)
         if any(p in embedding_weights for p, _, _ in sig):
             kind = "residual"
-        elif width > 1:
+        elif labs[0] in head_labels:
             kind = "heads"
         else:
             kind = "mlp"

@@ -133,22 +133,42 @@ def apply_plan_to_module_(
             else:
                 ambiguous.append((mod, attr, val, options))
     err = _mismatch(model, new)
-    for mod, attr, val, options in ambiguous:
-        if err is None or err <= atol:
-            break
-        for opt in options:
-            setattr(mod, attr, opt)
-            e = _mismatch(model, new)
-            if e is not None and (err is None or e < err):
-                err = e
-                break
-            setattr(mod, attr, val)
+    if err is None or err > atol:
+        err = _resolve_(model, new, ambiguous, atol, err)
     if err is None or err > atol:
         raise SurgeonError(
             f"the rewritten eager {type(model).__name__} does not match the rewritten graph "
             f"(max abs difference {err}); a module attribute that feeds a shape may need a dependency rule"
         )
     return model
+
+
+def _resolve_(model, gm, ambiguous, atol: float, err: float | None, max_classes: int = 10) -> float | None:
+    """Try ambiguous attribute updates, a class at a time: repeated layers share (type, attr, old, new).
+
+    Subsets of classes are tried smallest first; the first that makes the eager model match wins.
+    """
+    from itertools import combinations
+
+    classes: dict[tuple, list[tuple[nn.Module, str, int]]] = defaultdict(list)
+    for mod, attr, val, options in ambiguous:
+        for opt in options:
+            classes[(type(mod).__qualname__, attr, val, opt)].append((mod, attr, val))
+    keys = list(classes)[:max_classes]
+    for k in range(1, len(keys) + 1):
+        for subset in combinations(keys, k):
+            if len({(c[0], c[1], c[2]) for c in subset}) < k:
+                continue  # two new values for one attribute
+            for c in subset:
+                for mod, attr, _ in classes[c]:
+                    setattr(mod, attr, c[3])
+            e = _mismatch(model, gm)
+            if e is not None and e <= atol:
+                return e
+            for c in subset:
+                for mod, attr, val in classes[c]:
+                    setattr(mod, attr, val)
+    return err
 
 
 def _mismatch(model: nn.Module, gm: fx.GraphModule) -> float | None:

@@ -16,6 +16,7 @@ Before/after for one attention block that loses one of its four heads::
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -183,6 +184,7 @@ ARG_RULES = {
     aten.split: _split,
     aten.split_with_sizes: _split,
     aten.layer_norm: _layer_norm,
+    aten.rms_norm: _layer_norm,
     aten.zeros: _creation,
     aten.ones: _creation,
     aten.empty: _creation,
@@ -218,7 +220,9 @@ def apply_plan(gm: fx.GraphModule, plan: Plan | None = None, *, check: bool = Tr
         if plan is None:
             raise KeyError("no plan given and none stored on the graph; run annotate_plan first")
     gone = removed_labels(gm, analysis, plan)
-    new = copy.deepcopy(gm)
+    with warnings.catch_warnings():  # torch's pytree deprecation noise when copying export specs
+        warnings.simplefilter("ignore", FutureWarning)
+        new = copy.deepcopy(gm)
     for key in (GROUPS, SCORES, PLAN):
         new.meta.pop(key, None)
     if not gone:

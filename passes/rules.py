@@ -34,6 +34,7 @@ class SlotContext:
         self._v: list[np.ndarray] = []
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.approx: list[tuple[np.ndarray, str]] = []
+        self.heads: list[np.ndarray] = []  # carrier slots of an (H*D) <-> (H, D) reshape
 
     # -- spaces ---------------------------------------------------------------------------------
     def add_node(self, node: fx.Node) -> None:
@@ -221,8 +222,10 @@ def reshape(ctx: SlotContext, node: fx.Node) -> None:
             ctx.unite_slots(si, sj)
         elif inner_i < inner_j:  # output carrier is coarser: input index a -> output index a*inner_i//inner_j
             ctx.unite_slots(si, sj[(np.arange(len(si)) * inner_i) // inner_j])
+            ctx.heads.append(sj)
         else:
             ctx.unite_slots(sj, si[(np.arange(len(sj)) * inner_j) // inner_i])
+            ctx.heads.append(si)
         for a in ci[1:]:
             ctx.freeze(x, a, f"{node.name}: inner axis of a reshape (e.g. head_dim)")
         for b in cj[1:]:
@@ -357,7 +360,9 @@ def getitem(ctx: SlotContext, node: fx.Node) -> None:
         return
     packet = getattr(src.target, "overloadpacket", None)
     if packet not in (aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split):
-        raise NotImplementedError(f"getitem of {src.format_node()}")
+        # an output of a multi-output op without a rule (reported at that op): keep it whole
+        ctx.freeze(node, None, f"{node.name}: output of {src.target}, which has no dependency rule")
+        return
     x = src.args[0]
     r = ctx.rank(x)
     d = _dim(src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0), r)
@@ -481,7 +486,8 @@ def embedding(ctx: SlotContext, node: fx.Node) -> None:
 
 # -- normalisations and reductions ---------------------------------------------------------------
 def layer_norm(ctx: SlotContext, node: fx.Node) -> None:
-    """layer_norm(x, shape, w, b): per-channel weight/bias couple; the statistic mixes channels."""
+    """layer_norm(x, shape, w, b) / rms_norm(x, shape, w, eps): per-channel weight and bias couple
+    to the normalised axes; the statistic mixes channels, which is recorded as an approximation."""
     x, shape = node.args[:2]
     w = node.args[2] if len(node.args) > 2 else None
     b = node.args[3] if len(node.args) > 3 else None
@@ -574,6 +580,7 @@ def _table() -> dict:
         "scaled_dot_product_attention": sdpa,
         "embedding": embedding,
         "layer_norm": layer_norm,
+        "rms_norm": layer_norm,
         "mean": reduction,
         "sum": reduction,
         "softmax": softmax,

@@ -1,7 +1,7 @@
 """surgeon_fx: second-order structured pruning of language models as passes over a torch.fx graph."""
 
 from . import passes  # noqa: E402  (surgeon_fx.passes)
-from .api import CompressConfig, check_model, compress
+from .api import CompressConfig, check_model, compress, prune
 from .ir import KINDS, Analysis, Group, Member, Plan, Scores, TraceInfo
 from .keys import GROUPS, PLAN, SCORES, SOURCE, SurgeonError, UnsupportedGraphError, require
 from .tracing import trace

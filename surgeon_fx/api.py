@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from .ir import KINDS, Plan
-from .keys import PLAN
+from .keys import PLAN, SurgeonError
 from .tracing import trace
 
-__all__ = ["CompressConfig", "compress", "check_model"]
+__all__ = ["CompressConfig", "compress", "prune", "check_model"]
 
 METHODS = ("magnitude",)
 
@@ -33,6 +33,9 @@ class CompressConfig:
         min_atoms: atoms every group keeps (0 allows removing a layer's last head or unit).
         on_unknown: ``"error"`` or ``"freeze"`` for ops the dependency analysis has no rule for.
         seed: seed of every random choice (example inputs, sampling).
+        output: ``"module"`` returns a smaller model of the input's class; ``"graph"`` returns the
+            rewritten ``torch.fx.GraphModule`` (token ids -> logits), for models whose ``forward``
+            computes sizes from attributes arithmetically, which the eager rewrite cannot follow.
     """
 
     ratio: float
@@ -42,6 +45,7 @@ class CompressConfig:
     min_atoms: int = 1
     on_unknown: str = "error"
     seed: int = 0
+    output: str = "module"
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -60,6 +64,8 @@ class CompressConfig:
             raise ValueError(f"min_atoms must be an int >= 0, got {self.min_atoms!r}")
         if self.on_unknown not in ("error", "freeze"):
             raise ValueError(f"on_unknown must be 'error' or 'freeze', got {self.on_unknown!r}")
+        if self.output not in ("module", "graph"):
+            raise ValueError(f"output must be 'module' or 'graph', got {self.output!r}")
 
 
 def check_model(model: nn.Module) -> None:
@@ -109,7 +115,7 @@ def compress(
         method: atom scoring; ``"magnitude"`` (default).
         config: a full :class:`CompressConfig`; ``ratio``/``method``/``options`` override its fields.
         **options: other :class:`CompressConfig` fields (``basis``, ``kinds``, ``min_atoms``,
-            ``on_unknown``, ``seed``).
+            ``on_unknown``, ``seed``, ``output``).
 
     Returns:
         A new model of the same class, smaller, whose ``forward`` and ``generate()`` work. The plan
@@ -119,7 +125,7 @@ def compress(
         ValueError / TypeError: bad ratio, options or model (NaN weights, integer weights, ...).
         surgeon_fx.UnsupportedGraphError: the model cannot be traced, or holds an unsupported op.
     """
-    from surgeon_fx.passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_
+    from surgeon_fx.passes import annotate_groups, annotate_plan, annotate_scores
 
     fields = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
     fields.update(options)
@@ -128,8 +134,6 @@ def compress(
         fields["method"] = method
     cfg = CompressConfig(**fields)
     check_model(model)
-    if calibration is not None and cfg.method == "magnitude" and method is None and "method" not in fields:
-        pass  # magnitude ignores calibration data
     torch.manual_seed(cfg.seed)
     work = copy.deepcopy(model).eval()
     gm = trace(work)
@@ -137,7 +141,40 @@ def compress(
     annotate_scores(gm, method=cfg.method)
     annotate_plan(gm, cfg.ratio, basis=cfg.basis, kinds=cfg.kinds, min_atoms=cfg.min_atoms)
     plan: Plan = gm.meta[PLAN]
+    return _finish(work, gm, plan, cfg.output)
+
+
+def _finish(work: nn.Module, gm, plan: Plan, output: str) -> nn.Module:
+    from surgeon_fx.passes import apply_plan, apply_plan_to_module_
+
     new = apply_plan(gm, plan)
-    apply_plan_to_module_(work, plan, old=gm, new=new)
-    work.surgeon_fx_plan = plan
-    return work
+    target = new if output == "graph" else work
+    if output == "module":
+        try:
+            apply_plan_to_module_(work, plan, old=gm, new=new)
+        except SurgeonError as e:
+            raise SurgeonError(f"{e}. Pass output='graph' to get the rewritten GraphModule instead.") from e
+    target.surgeon_fx_plan = plan
+    return target
+
+
+def prune(model: nn.Module, plan: Plan, *, on_unknown: str = "error", output: str = "module") -> nn.Module:
+    """Return a copy of ``model`` with exactly what ``plan`` says removed (e.g. a plan from JSON).
+
+    Args:
+        model: the model the plan was made for (same parameter names and shapes); not modified.
+        plan: a :class:`~surgeon_fx.ir.Plan`, e.g. ``Plan.from_json(text)``.
+        on_unknown, output: as in :class:`CompressConfig`.
+
+    Raises:
+        KeyError / ValueError: the plan does not fit this model's parameters or coupling.
+    """
+    from surgeon_fx.passes import annotate_groups
+
+    check_model(model)
+    if output not in ("module", "graph"):
+        raise ValueError(f"output must be 'module' or 'graph', got {output!r}")
+    work = copy.deepcopy(model).eval()
+    gm = trace(work)
+    annotate_groups(gm, on_unknown=on_unknown)
+    return _finish(work, gm, plan, output)

@@ -15,8 +15,9 @@ from typing import Any
 __all__ = ["TraceInfo", "Member", "Group", "Analysis", "Scores", "Plan", "KINDS"]
 
 KINDS = ("heads", "mlp", "residual")
-"""Structure kinds the analysis names: attention heads (or KV groups with their query heads), hidden
-units of a feed-forward block, and channels of the residual stream."""
+"""Structure kinds the analysis names: ``heads`` (atoms that a reshape splits into (heads, head_dim):
+attention heads, or KV groups with their query heads), ``residual`` (channels of the stream that
+starts at the token embedding) and ``mlp`` (every other hidden unit, e.g. of a feed-forward block)."""
 
 
 @dataclass(frozen=True)
