@@ -8,6 +8,7 @@ from .tracing import trace
 
 __all__ = [
     "compress",
+    "prune",
     "CompressConfig",
     "check_model",
     "passes",
