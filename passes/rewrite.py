@@ -16,6 +16,7 @@ Before/after for one attention block that loses one of its four heads::
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import numpy as np
@@ -33,8 +34,8 @@ __all__ = ["apply_plan", "removed_labels", "kept_indices", "ARG_RULES"]
 aten = torch.ops.aten
 
 
-def removed_labels(gm: fx.GraphModule, analysis: Analysis, plan: Plan) -> set[int]:
-    """Components the plan removes; checks the plan against the graph's coupling.
+def removed_labels(gm: fx.GraphModule, analysis: Analysis, plan: Plan) -> np.ndarray:
+    """Boolean mask over components: which ones the plan removes. Checks the plan against the coupling.
 
     Raises:
         KeyError: the plan names a parameter the graph does not hold.
@@ -59,35 +60,39 @@ def removed_labels(gm: fx.GraphModule, analysis: Analysis, plan: Plan) -> set[in
                     f"the plan removes indices of {p} axis {ax} that may not be removed: {analysis.frozen[min(frozen)]}"
                 )
             gone |= labs
+    mask = np.zeros(int(analysis.label.max()) + 1 if len(analysis.label) else 0, bool)
+    mask[list(gone)] = True
     # every parameter slot of a removed component must be removed by the plan
     for p, target in analysis.param_targets.items():
         node = nodes[target]
         for ax, sp in enumerate(analysis.spaces.get(node.name, ())):
             if sp is None:
                 continue
-            labs = analysis.label[sp[0] : sp[0] + sp[1]]
-            hit = np.isin(labs, list(gone)) if gone else np.zeros(sp[1], bool)
-            kept = set(plan.keep.get(p, {}).get(ax, range(sp[1])))
-            bad = [i for i in np.nonzero(hit)[0] if int(i) in kept]
-            if bad:
+            hit = mask[analysis.label[sp[0] : sp[0] + sp[1]]]
+            if not hit.any():
+                continue
+            kept = np.zeros(sp[1], bool)
+            kept[list(plan.keep.get(p, {}).get(ax, range(sp[1])))] = True
+            bad = np.nonzero(hit & kept)[0]
+            if len(bad):
                 raise ValueError(
                     f"the plan keeps index {bad[0]} of {p} axis {ax}, but it is coupled to indices the plan "
                     "removes; build plans with make_plan/plan_from_removed on the same model"
                 )
-    return gone
+    return mask
 
 
-def kept_indices(analysis: Analysis, node_name: str, axis: int, gone: set[int]) -> np.ndarray | None:
-    """Indices of ``node_name``'s axis that survive, or ``None`` for an axis without slots."""
+def kept_indices(analysis: Analysis, node_name: str, axis: int, gone: np.ndarray) -> np.ndarray | None:
+    """Indices of ``node_name``'s axis that survive (``gone``: mask of removed components), or
+    ``None`` for an axis without slots."""
     sp = analysis.spaces.get(node_name, ())[axis] if node_name in analysis.spaces else None
     if sp is None:
         return None
-    labs = analysis.label[sp[0] : sp[0] + sp[1]]
-    return np.nonzero(~np.isin(labs, list(gone)))[0] if gone else np.arange(sp[1])
+    return np.nonzero(~gone[analysis.label[sp[0] : sp[0] + sp[1]]])[0]
 
 
 # -- shape-constant retargeting, one rule per op that carries sizes in its arguments -------------------
-def _new_shape(a: Analysis, node: fx.Node, gone: set[int]) -> list:
+def _new_shape(a: Analysis, node: fx.Node, gone: np.ndarray) -> list:
     shape = list(node.meta["val"].shape)
     for ax in range(len(shape)):
         k = kept_indices(a, node.name, ax, gone)
@@ -197,13 +202,17 @@ ARG_RULES = {
 """Ops whose arguments hold sizes of prunable axes -> rule that rewrites those arguments."""
 
 
-def apply_plan(gm: fx.GraphModule, plan: Plan | None = None, *, check: bool = True) -> fx.GraphModule:
+def apply_plan(
+    gm: fx.GraphModule, plan: Plan | None = None, *, check: bool = True, propagate: str = "resize"
+) -> fx.GraphModule:
     """Return a smaller copy of ``gm`` with everything ``plan`` removes physically deleted.
 
     Args:
         gm: an annotated graph (``annotate_groups``); left unchanged.
         plan: what to remove; defaults to ``gm.meta[PLAN]`` (``annotate_plan``).
         check: run the new graph once on a small input to make sure it executes.
+        propagate: how ``meta['val']`` is refreshed: ``"resize"`` (new shapes from the analysis,
+            fast) or ``"fake"`` (re-run every op on fake tensors, ``FakeTensorProp``).
 
     Returns:
         A new ``GraphModule`` with sliced parameters, retargeted shape constants and fresh
@@ -220,19 +229,21 @@ def apply_plan(gm: fx.GraphModule, plan: Plan | None = None, *, check: bool = Tr
         if plan is None:
             raise KeyError("no plan given and none stored on the graph; run annotate_plan first")
     gone = removed_labels(gm, analysis, plan)
+    # parameters about to be sliced are not cloned: the copy gets new tensors for them below
+    memo = {id(gm.get_parameter(analysis.param_targets[p])): None for p in plan.keep}
     with warnings.catch_warnings():  # torch's pytree deprecation noise when copying export specs
         warnings.simplefilter("ignore", FutureWarning)
-        new = copy.deepcopy(gm)
+        new = _copy(gm, memo)
     for key in (GROUPS, SCORES, PLAN):
         new.meta.pop(key, None)
-    if not gone:
+    if not gone.any():
         return new
     aliases: dict[int, list[str]] = {}
-    for name, p in new.named_parameters(remove_duplicate=False):
+    for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
     for p, axes in plan.keep.items():
         target = analysis.param_targets[p]
-        w = new.get_parameter(target)
+        w = gm.get_parameter(target)
         t = w.detach()
         for ax, kept in sorted(axes.items()):
             t = t.index_select(ax, torch.as_tensor(kept, dtype=torch.long, device=t.device))
@@ -247,19 +258,49 @@ def apply_plan(gm: fx.GraphModule, plan: Plan | None = None, *, check: bool = Tr
         if rule is not None:
             rule(analysis, node, gone)
     new.recompile()
-    _propagate(new, gm)
+    if propagate == "fake":
+        _propagate(new, gm)
+    else:
+        _resize_meta(new, analysis, gone)
     if check:
         _smoke(new)
     return new
 
 
-def _placeholder_vals(gm: fx.GraphModule):
-    return [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+def _copy(gm: fx.GraphModule, skip: dict[int, None]) -> fx.GraphModule:
+    """Deep copy of ``gm`` in which the parameters whose ids are in ``skip`` become ``None``."""
+    return copy.deepcopy(gm, dict(skip))
+
+
+def _resize_meta(gm: fx.GraphModule, analysis: Analysis, gone: np.ndarray) -> None:
+    """Give every node whose shape changed a fake value of the new shape (same symbols elsewhere).
+
+    The new sizes follow from the slot analysis, so no op is re-run; ``_smoke`` then runs the graph.
+    """
+    changed = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or node.name not in analysis.spaces:
+            continue
+        shape = _new_shape(analysis, node, gone)
+        if list(shape) != list(val.shape):
+            new_val = val.new_empty(shape)
+            node.meta["val"] = new_val
+            node.meta.pop("tensor_meta", None)
+            changed[node.name] = new_val
+    for node in gm.graph.nodes:  # multi-output ops: rebuild their list from the getitem users
+        val = node.meta.get("val")
+        if isinstance(val, (list, tuple)):
+            items = list(val)
+            for user in node.users:
+                if user.target is operator.getitem and user.name in changed:
+                    items[user.args[1]] = changed[user.name]
+            node.meta["val"] = type(val)(items)
 
 
 def _propagate(new: fx.GraphModule, old: fx.GraphModule) -> None:
-    """Recompute ``meta['val']`` on the new graph, with the symbolic inputs of the old one."""
-    vals = _placeholder_vals(old)
+    """Recompute ``meta['val']`` on the new graph by running it on fake inputs (slower, stricter)."""
+    vals = [n.meta["val"] for n in old.graph.nodes if n.op == "placeholder"]
     mode = vals[0].fake_mode if vals and hasattr(vals[0], "fake_mode") else None
     try:
         FakeTensorProp(new, mode).propagate_dont_convert_inputs(*vals)

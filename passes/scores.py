@@ -19,24 +19,27 @@ from .groups import get_groups
 __all__ = ["annotate_scores", "magnitude_scores", "SCORE_METHODS"]
 
 
-def _member_sq(w: torch.Tensor, axis: int, indices: tuple[tuple[int, ...], ...]) -> np.ndarray:
-    """Sum of squares of each atom's slice of ``w`` along ``axis``."""
-    other = [a for a in range(w.dim()) if a != axis]
-    per_index = w.detach().double().pow(2).sum(dim=other) if other else w.detach().double().pow(2)
-    per_index = per_index.cpu().numpy()
-    idx = np.asarray(indices)
-    return per_index[idx].sum(axis=1)
+def _per_index_sq(w: torch.Tensor) -> list[np.ndarray]:
+    """For every axis of ``w``, the sum of squares over the other axes (one value per index)."""
+    sq = w.detach().float().square()
+    out = []
+    for axis in range(w.dim()):
+        other = [a for a in range(w.dim()) if a != axis]
+        out.append((sq.sum(dim=other) if other else sq).double().cpu().numpy())
+    return out
 
 
 def magnitude_scores(gm: fx.GraphModule, analysis: Analysis) -> dict[str, np.ndarray]:
     """Mean squared weight of each atom over all of its member slices."""
     params = dict(gm.named_parameters(remove_duplicate=False))
+    cache: dict[str, list[np.ndarray]] = {}
     out = {}
     for g in analysis.groups:
         total = np.zeros(g.n_atoms)
         for m in g.members:
-            w = params[analysis.param_targets[m.param]]
-            total += _member_sq(w, m.axis, m.indices)
+            if m.param not in cache:
+                cache[m.param] = _per_index_sq(params[analysis.param_targets[m.param]])
+            total += cache[m.param][m.axis][np.asarray(m.indices)].sum(axis=1)
         out[g.name] = total / max(g.atom_numel, 1)
     return out
 

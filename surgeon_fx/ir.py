@@ -216,8 +216,9 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
 
-    def summary(self) -> str:
-        """Before/after parameter counts both ways, then one row per group that loses atoms."""
+    def summary(self, per_group: bool = False) -> str:
+        """Before/after parameter counts both ways, atoms removed per structure kind, and with
+        ``per_group`` one row per group that loses atoms."""
 
         def pct(a: int, b: int) -> str:
             return f"{100.0 * (1 - a / b):.1f}%" if b else "-"
@@ -229,9 +230,18 @@ class Plan:
             f"  decoder linear: {self.linear_before:>12,} -> {self.linear_after:>12,}"
             f"  ({pct(self.linear_after, self.linear_before)} removed)",
         ]
+        by_kind: dict[str, list[int]] = {}
         for g, atoms in self.removed.items():
-            if atoms:
-                lines.append(f"  {g}: remove {len(atoms)} atom(s)")
+            kind = g.rsplit("/", 1)[-1].split("#")[0]
+            acc = by_kind.setdefault(kind, [0, 0])
+            acc[0] += len(atoms)
+            acc[1] += bool(atoms)
+        for kind, (n, groups) in sorted(by_kind.items()):
+            lines.append(f"  {kind}: {n} atom(s) removed from {groups} group(s)")
+        if per_group:
+            for g, atoms in sorted(self.removed.items()):
+                if atoms:
+                    lines.append(f"    {g}: remove {len(atoms)} atom(s)")
         return "\n".join(lines)
 
 

