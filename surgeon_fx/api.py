@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .ir import KINDS, Plan
-from .keys import PLAN, SurgeonError
+from .keys import PLAN, SCORES, SurgeonError
 from .tracing import trace
 
 __all__ = ["CompressConfig", "compress", "prune", "check_model"]
@@ -36,6 +36,9 @@ class CompressConfig:
         output: ``"module"`` returns a smaller model of the input's class; ``"graph"`` returns the
             rewritten ``torch.fx.GraphModule`` (token ids -> logits), for models whose ``forward``
             computes sizes from attributes arithmetically, which the eager rewrite cannot follow.
+        uniform: keep the same number of atoms in every group of a kind (same widths in every layer),
+            so the checkpoint loads with stock ``from_pretrained`` (``surgeon_fx.passes.uniform``).
+        multiple: with ``uniform``, round kept widths to a multiple of this many atoms.
     """
 
     ratio: float
@@ -46,6 +49,8 @@ class CompressConfig:
     on_unknown: str = "error"
     seed: int = 0
     output: str = "module"
+    uniform: bool = False
+    multiple: int = 1
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -66,6 +71,8 @@ class CompressConfig:
             raise ValueError(f"on_unknown must be 'error' or 'freeze', got {self.on_unknown!r}")
         if self.output not in ("module", "graph"):
             raise ValueError(f"output must be 'module' or 'graph', got {self.output!r}")
+        if not isinstance(self.multiple, int) or self.multiple < 1:
+            raise ValueError(f"multiple must be an int >= 1, got {self.multiple!r}")
 
 
 def check_model(model: nn.Module) -> None:
@@ -125,7 +132,7 @@ def compress(
         ValueError / TypeError: bad ratio, options or model (NaN weights, integer weights, ...).
         surgeon_fx.UnsupportedGraphError: the model cannot be traced, or holds an unsupported op.
     """
-    from surgeon_fx.passes import annotate_groups, annotate_plan, annotate_scores
+    from surgeon_fx.passes import annotate_groups, annotate_plan, annotate_scores, get_groups
 
     fields = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
     fields.update(options)
@@ -139,7 +146,20 @@ def compress(
     gm = trace(work)
     annotate_groups(gm, on_unknown=cfg.on_unknown)
     annotate_scores(gm, method=cfg.method)
-    annotate_plan(gm, cfg.ratio, basis=cfg.basis, kinds=cfg.kinds, min_atoms=cfg.min_atoms)
+    if cfg.uniform:
+        from surgeon_fx.passes.uniform import make_uniform_plan
+
+        gm.meta[PLAN] = make_uniform_plan(
+            get_groups(gm),
+            gm.meta[SCORES],
+            cfg.ratio,
+            basis=cfg.basis,
+            kinds=cfg.kinds,
+            multiple=cfg.multiple,
+            min_atoms=cfg.min_atoms,
+        )
+    else:
+        annotate_plan(gm, cfg.ratio, basis=cfg.basis, kinds=cfg.kinds, min_atoms=cfg.min_atoms)
     plan: Plan = gm.meta[PLAN]
     return _finish(work, gm, plan, cfg.output)
 
