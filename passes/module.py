@@ -133,6 +133,8 @@ def apply_plan_to_module_(
             else:
                 ambiguous.append((mod, attr, val, options))
     err = _mismatch(model, new)
+    if err is None:
+        err = _debug_(model, new, ambiguous)
     if err is None or err > atol:
         err = _resolve_(model, new, ambiguous, atol, err)
     if err is None or err > atol:
@@ -141,6 +143,71 @@ def apply_plan_to_module_(
             f"(max abs difference {err}); a module attribute that feeds a shape may need a dependency rule"
         )
     return model
+
+
+def _progress(model: nn.Module, gm: fx.GraphModule):
+    """Run the eager model; return (error vs graph or None, modules finished, innermost failing module)."""
+    stack: list[nn.Module] = []
+    done = [0]
+    hooks = []
+
+    def enter(mod, args):
+        stack.append(mod)
+
+    def leave(mod, args, out):  # returns None: the module's output is left alone
+        stack.pop()
+        done[0] += 1
+
+    for m in model.modules():
+        hooks.append(m.register_forward_pre_hook(enter))
+        hooks.append(m.register_forward_hook(leave))
+    try:
+        err = _mismatch(model, gm, raise_eager=True)
+        return err, done[0], None
+    except Exception:
+        return None, done[0], list(stack)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _debug_(model, gm, ambiguous, max_steps: int = 256) -> float | None:
+    """Resolve ambiguous attributes where the eager forward fails: try the candidates of the
+    innermost failing module (then its ancestors) and keep the choice that lets the forward get
+    furthest. Greedy, one module at a time, so it scales with depth."""
+    from itertools import product
+
+    by_mod: dict[int, list[tuple[nn.Module, str, int, list[int]]]] = defaultdict(list)
+    for mod, attr, val, options in ambiguous:
+        by_mod[id(mod)].append((mod, attr, val, options))
+    err, done, stack = _progress(model, gm)
+    for _ in range(max_steps):
+        if stack is None:
+            return err
+        improved = False
+        for mod in reversed(stack):
+            cands = by_mod.get(id(mod), [])
+            if not cands:
+                continue
+            current = tuple(getattr(m, a) for m, a, _, _ in cands)
+            best = (done, current)
+            for choice in product(*[[v, *opts] for _, _, v, opts in cands]):
+                if choice == current:
+                    continue
+                for (m, a, _, _), v in zip(cands, choice):
+                    setattr(m, a, v)
+                e, d, st = _progress(model, gm)
+                if st is None or d > best[0]:
+                    best = (float("inf") if st is None else d, choice)
+            for (m, a, _, _), v in zip(cands, best[1]):
+                setattr(m, a, v)
+            if best[1] != current:
+                improved = True
+                break
+        if not improved:
+            return None
+        err, done, stack = _progress(model, gm)
+    return err
 
 
 def _resolve_(model, gm, ambiguous, atol: float, err: float | None, max_classes: int = 10) -> float | None:
@@ -171,15 +238,17 @@ def _resolve_(model, gm, ambiguous, atol: float, err: float | None, max_classes:
     return err
 
 
-def _mismatch(model: nn.Module, gm: fx.GraphModule) -> float | None:
+def _mismatch(model: nn.Module, gm: fx.GraphModule, raise_eager: bool = False) -> float | None:
     info = gm.meta.get(SOURCE)
     vocab = (info.vocab_size if info else None) or 2
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(1)).to(device)
-    try:
-        with torch.no_grad():
-            ref = gm(ids)
+    with torch.no_grad():
+        ref = gm(ids)
+        try:
             out = LogitsWrapper(model)(ids)
-        return float((ref.float() - out.float()).abs().max())
-    except Exception:
-        return None
+        except Exception:
+            if raise_eager:
+                raise
+            return None
+    return float((ref.float() - out.float()).abs().max())

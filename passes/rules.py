@@ -459,6 +459,9 @@ def sdpa(ctx: SlotContext, node: fx.Node) -> None:
     ctx.unite(q, r - 1, k, r - 1)
     ctx.unite(v, r - 1, node, r - 1)
     ctx.unite(q, r - 3, node, r - 3)
+    # head_dim is kept whole: a model's attention module has one head size for q, k and v
+    for t in (q, k, v):
+        ctx.freeze(t, r - 1, f"{node.name}: head_dim of attention (kept whole)")
     hq, hk = ctx.space(q, r - 3), ctx.space(k, r - 3)
     if hk is not None and hq is not None and hq[1] != hk[1]:
         rep = hq[1] // hk[1]

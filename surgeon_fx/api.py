@@ -13,12 +13,15 @@ import torch
 from torch import nn
 
 from .ir import KINDS, Plan
-from .keys import PLAN, SCORES, SurgeonError
+from .keys import SurgeonError
 from .tracing import trace
 
-__all__ = ["CompressConfig", "compress", "prune", "check_model"]
+__all__ = ["CompressConfig", "compress", "prune", "check_model", "check_calibration", "METHODS"]
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "surgeon", "kobd", "lobd")
+"""Atom scoring methods: weight magnitude (no data), the LLM Surgeon's K-FAC costs with OBS updates,
+and the diagonal baselines K-OBD (1/2 W^2 G_rr A_cc) and L-OBD (1/2 W^2 A_cc), both without updates."""
+CURVATURE_METHODS = ("surgeon", "kobd", "lobd")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,13 @@ class CompressConfig:
         uniform: keep the same number of atoms in every group of a kind (same widths in every layer),
             so the checkpoint loads with stock ``from_pretrained`` (``surgeon_fx.passes.uniform``).
         multiple: with ``uniform``, round kept widths to a multiple of this many atoms.
+        shots: number of shots of the linear schedule (default 1 for magnitude, 8 otherwise); the
+            curvature is re-estimated on the already smaller model every shot.
+        fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the model).
+        damping: K-FAC damping relative to each factor's mean diagonal.
+        batch_size: calibration windows per forward/backward of the curvature sweep.
+        update: apply the second-order (OBS) update to the remaining weights (``"surgeon"`` only).
+        checkpoint_dir: save the model and composed plan after every shot there, and resume from it.
     """
 
     ratio: float
@@ -51,6 +61,12 @@ class CompressConfig:
     output: str = "module"
     uniform: bool = False
     multiple: int = 1
+    shots: int | None = None
+    fisher: str = "empirical"
+    damping: float = 0.01
+    batch_size: int = 1
+    update: bool = True
+    checkpoint_dir: str | None = None
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -73,6 +89,16 @@ class CompressConfig:
             raise ValueError(f"output must be 'module' or 'graph', got {self.output!r}")
         if not isinstance(self.multiple, int) or self.multiple < 1:
             raise ValueError(f"multiple must be an int >= 1, got {self.multiple!r}")
+        if self.shots is None:
+            object.__setattr__(self, "shots", 1 if self.method == "magnitude" else 8)
+        if not isinstance(self.shots, int) or self.shots < 1:
+            raise ValueError(f"shots must be an int >= 1, got {self.shots!r}")
+        if self.fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {self.fisher!r}")
+        if not (self.damping > 0):
+            raise ValueError(f"damping must be > 0, got {self.damping!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
 
 
 def check_model(model: nn.Module) -> None:
@@ -101,6 +127,33 @@ def check_model(model: nn.Module) -> None:
         )
 
 
+def check_calibration(calibration, vocab_size: int | None) -> torch.Tensor:
+    """Validate calibration windows: an (N, L) integer tensor of token ids, N >= 1, L >= 2.
+
+    Raises:
+        ValueError: empty, too short, wrong dtype or shape, or ids outside the vocabulary.
+    """
+    if not isinstance(calibration, torch.Tensor):
+        raise ValueError(
+            f"calibration must be an (N, L) tensor of token ids, got {type(calibration).__name__}; make one with "
+            "surgeon_fx.data.calibration_windows(source, tokenizer, n=..., seq_len=...)"
+        )
+    if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"calibration must be a 2-D int64 tensor (N, L), got {calibration.dtype} {tuple(calibration.shape)}"
+        )
+    if calibration.shape[0] == 0 or calibration.shape[1] < 2:
+        raise ValueError(
+            f"calibration data is empty or too short: got {tuple(calibration.shape)} windows, need N >= 1 windows "
+            "of L >= 2 tokens (128 x 2048 is the paper's setting)"
+        )
+    if vocab_size is not None and (int(calibration.min()) < 0 or int(calibration.max()) >= vocab_size):
+        raise ValueError(
+            f"calibration holds token ids outside [0, {vocab_size}); was it made with this model's tokenizer?"
+        )
+    return calibration.long()
+
+
 def compress(
     model: nn.Module,
     ratio: float,
@@ -108,60 +161,69 @@ def compress(
     calibration=None,
     method: str | None = None,
     config: CompressConfig | None = None,
+    progress: bool = True,
+    on_shot=None,
     **options,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of its parameters physically removed.
 
-    The pipeline: :func:`~surgeon_fx.trace` -> ``annotate_groups`` -> ``annotate_scores`` ->
-    ``annotate_plan`` -> ``apply_plan`` (graph) and ``apply_plan_to_module_`` (the copy).
+    The pipeline, repeated for every shot: :func:`~surgeon_fx.trace` -> ``annotate_groups`` ->
+    ``annotate_curvature`` + ``annotate_costs`` (or ``annotate_scores`` for magnitude) ->
+    ``annotate_plan`` -> ``apply_obs_updates_`` -> ``apply_plan`` (graph) and
+    ``apply_plan_to_module_`` (the copy).
 
     Args:
         model: a Hugging Face causal LM or a module mapping token ids to logits; not modified.
         ratio: fraction of parameters to remove, in [0, 1).
-        calibration: token windows for curvature-based methods (unused by ``"magnitude"``).
-        method: atom scoring; ``"magnitude"`` (default).
+        calibration: (N, L) int64 token windows (``surgeon_fx.data.calibration_windows``); required by
+            the curvature methods.
+        method: ``"surgeon"`` (default when calibration is given), ``"magnitude"`` (default
+            otherwise), ``"kobd"`` or ``"lobd"``.
         config: a full :class:`CompressConfig`; ``ratio``/``method``/``options`` override its fields.
-        **options: other :class:`CompressConfig` fields (``basis``, ``kinds``, ``min_atoms``,
-            ``on_unknown``, ``seed``, ``output``).
+        progress: show progress bars (shots, curvature sweeps).
+        on_shot: optional ``on_shot(shot, model, plan)`` called after every shot.
+        **options: other :class:`CompressConfig` fields (``basis``, ``kinds``, ``shots``, ``fisher``, ...).
 
     Returns:
-        A new model of the same class, smaller, whose ``forward`` and ``generate()`` work. The plan
-        that produced it is at ``result.surgeon_fx_plan`` (a :class:`~surgeon_fx.ir.Plan`).
+        A new model of the same class, smaller, whose ``forward`` and ``generate()`` work (or the
+        rewritten ``GraphModule`` with ``output="graph"``). The composed plan is at
+        ``result.surgeon_fx_plan`` (a :class:`~surgeon_fx.ir.Plan`).
 
     Raises:
-        ValueError / TypeError: bad ratio, options or model (NaN weights, integer weights, ...).
+        ValueError / TypeError: bad ratio, options, calibration data or model (NaN or integer weights, ...).
         surgeon_fx.UnsupportedGraphError: the model cannot be traced, or holds an unsupported op.
     """
-    from surgeon_fx.passes import annotate_groups, annotate_plan, annotate_scores, get_groups
+    from .shots import run_shots
+    from .tracing import vocab_size_of
 
     fields = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
     fields.update(options)
     fields["ratio"] = ratio
     if method is not None:
         fields["method"] = method
+    elif config is None and calibration is not None:
+        fields["method"] = "surgeon"
     cfg = CompressConfig(**fields)
     check_model(model)
+    if cfg.method in CURVATURE_METHODS:
+        if calibration is None:
+            raise ValueError(
+                f"method {cfg.method!r} needs calibration windows: pass calibration=surgeon_fx.data."
+                "calibration_windows('wiki', tokenizer, n=128, seq_len=2048), or use method='magnitude'"
+            )
+        calibration = check_calibration(calibration, vocab_size_of(model))
     torch.manual_seed(cfg.seed)
     work = copy.deepcopy(model).eval()
-    gm = trace(work)
-    annotate_groups(gm, on_unknown=cfg.on_unknown)
-    annotate_scores(gm, method=cfg.method)
-    if cfg.uniform:
-        from surgeon_fx.passes.uniform import make_uniform_plan
-
-        gm.meta[PLAN] = make_uniform_plan(
-            get_groups(gm),
-            gm.meta[SCORES],
-            cfg.ratio,
-            basis=cfg.basis,
-            kinds=cfg.kinds,
-            multiple=cfg.multiple,
-            min_atoms=cfg.min_atoms,
-        )
-    else:
-        annotate_plan(gm, cfg.ratio, basis=cfg.basis, kinds=cfg.kinds, min_atoms=cfg.min_atoms)
-    plan: Plan = gm.meta[PLAN]
-    return _finish(work, gm, plan, cfg.output)
+    try:
+        plan = run_shots(work, calibration, cfg, progress=progress, on_shot=on_shot)
+    except SurgeonError as e:
+        if cfg.output == "module" and "does not match the rewritten graph" in str(e):
+            raise SurgeonError(f"{e}. Pass output='graph' to get the rewritten GraphModule instead.") from e
+        raise
+    result = work._surgeon_fx_graph if cfg.output == "graph" else work
+    del work._surgeon_fx_graph
+    result.surgeon_fx_plan = plan
+    return result
 
 
 def _finish(work: nn.Module, gm, plan: Plan, output: str) -> nn.Module:

@@ -10,12 +10,15 @@ from typing import Any
 
 from torch import fx
 
-__all__ = ["SOURCE", "GROUPS", "SCORES", "PLAN", "require", "SurgeonError", "UnsupportedGraphError"]
+__all__ = ["SOURCE", "GROUPS", "CURVATURE", "SCORES", "PLAN", "require", "SurgeonError", "UnsupportedGraphError"]
 
 SOURCE = "surgeon_fx.source"
 """How the graph was traced (:class:`surgeon_fx.ir.TraceInfo`); written by :func:`surgeon_fx.trace`."""
 GROUPS = "surgeon_fx.groups"
 """The dependency analysis (:class:`surgeon_fx.ir.Analysis`); written by ``annotate_groups``."""
+CURVATURE = "surgeon_fx.curvature"
+"""K-FAC factors of every layer the groups touch (:class:`surgeon_fx.passes.curvature.Curvature`);
+written by ``annotate_curvature``."""
 SCORES = "surgeon_fx.scores"
 """Per-atom removal scores (:class:`surgeon_fx.ir.Scores`); written by ``annotate_scores``."""
 PLAN = "surgeon_fx.plan"

@@ -1,0 +1,253 @@
+"""Curvature pass: K-FAC factors A = E[a a^T] and G = E[g g^T] of every layer the groups touch.
+
+Reads: a graph annotated by ``annotate_groups`` and calibration token windows. Writes:
+``gm.meta[CURVATURE]``, a :class:`Curvature`. Leaves ``gm.code`` unchanged: the sweep runs on an
+instrumented copy of the graph that shares the parameters. Invariant: one forward and one backward
+per batch; factors accumulate in float32 on the model's device; activations are never kept beyond
+their batch; every token is one sample (loss summed over tokens, factors divided by the token count).
+
+A layer is a ``linear`` / ``addmm`` / ``mm`` / ``embedding`` node whose weight is a parameter in
+some group. Its bias is an extra input column whose activation is 1. Factors larger than
+``max_dense`` on a side are kept diagonal (the one-hot input of an embedding, the vocabulary-sized
+output of an LM head). Layers reading the same input share one ``A``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from tqdm.auto import tqdm
+
+from surgeon_fx.keys import CURVATURE, require
+
+from .groups import get_groups
+
+__all__ = ["Layer", "Curvature", "annotate_curvature", "find_layers", "get_curvature"]
+
+aten = torch.ops.aten
+
+
+@dataclass(eq=False)
+class Layer:
+    """One weight-carrying op and its factors.
+
+    ``layout`` says how the weight maps to the (R outputs x C inputs) matrix of the formulas:
+    ``"out_in"`` (linear: W), ``"in_out"`` (addmm/mm: W^T), ``"embedding"`` (W^T; inputs one-hot).
+    ``a_key`` names the (possibly shared) input factor; ``a``/``g`` are filled by the sweep.
+    """
+
+    node: str
+    weight: str
+    bias: str | None
+    layout: str
+    rows: int
+    cols: int
+    a_key: str
+    g: torch.Tensor | None = None
+
+    @property
+    def row_axis(self) -> int:
+        return 0 if self.layout == "out_in" else 1
+
+    @property
+    def col_axis(self) -> int:
+        return 1 - self.row_axis
+
+
+@dataclass(eq=False)
+class Curvature:
+    """K-FAC factors of a graph: ``layers`` by node name, input factors ``a`` by ``a_key``."""
+
+    layers: dict[str, Layer]
+    a: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+    fisher: str = "empirical"
+
+    def roles(self) -> dict[tuple[str, int], list[tuple[Layer, str]]]:
+        """``(param FQN, axis) -> [(layer, "row" | "col")]``: where each parameter axis enters a layer."""
+        out: dict[tuple[str, int], list[tuple[Layer, str]]] = {}
+        for lay in self.layers.values():
+            out.setdefault((lay.weight, lay.row_axis), []).append((lay, "row"))
+            out.setdefault((lay.weight, lay.col_axis), []).append((lay, "col"))
+        return out
+
+    def factor_a(self, layer: Layer) -> torch.Tensor:
+        return self.a[layer.a_key]
+
+
+def find_layers(gm: fx.GraphModule, *, max_dense: int = 8192) -> dict[str, tuple[Layer, fx.Node]]:
+    """The weight-carrying ops whose weight some group touches, with their input node."""
+    analysis = get_groups(gm)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    canon = {id(params[t]): f for f, t in analysis.param_targets.items()}
+    fqn_of = {t: canon[id(p)] for t, p in params.items() if id(p) in canon}
+    touched = {m.param for g in analysis.groups for m in g.members}
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        packet = getattr(n.target, "overloadpacket", None)
+        if packet is aten.linear:
+            x, w = n.args[0], n.args[1]
+            b = n.args[2] if len(n.args) > 2 else None
+            layout = "out_in"
+        elif packet is aten.addmm:
+            b, x, w = n.args[:3]
+            layout = "in_out"
+        elif packet is aten.mm:
+            x, w = n.args[:2]
+            b, layout = None, "in_out"
+        elif packet is aten.embedding:
+            w, x = n.args[:2]
+            b, layout = None, "embedding"
+        else:
+            continue
+        if not isinstance(w, fx.Node) or w.target not in fqn_of or fqn_of[w.target] not in touched:
+            continue
+        bias = fqn_of.get(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
+        shape = tuple(int(d) for d in w.meta["val"].shape)
+        rows, cols = (shape[0], shape[1]) if layout == "out_in" else (shape[1], shape[0])
+        a_key = f"{x.name}{'+1' if bias else ''}"
+        out[n.name] = (Layer(n.name, fqn_of[w.target], bias, layout, rows, cols + (1 if bias else 0), a_key), x)
+    return out
+
+
+class _Sweep:
+    """Accumulates the factors while the instrumented graph runs forward and backward."""
+
+    def __init__(self, curv: Curvature, max_dense: int):
+        self.curv = curv
+        self.max_dense = max_dense
+        self.leaves: list[torch.Tensor] = []
+        self._seen: set[str] = set()
+
+    def tap(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lay = self.curv.layers[key]
+        if lay.a_key not in self._seen:  # shared inputs: accumulate A once per batch
+            self._seen.add(lay.a_key)
+            self._acc_a(lay, x)
+        if lay.layout == "embedding":
+            y = y.detach().requires_grad_(True)
+            self.leaves.append(y)
+        if y.requires_grad:
+            y.register_hook(lambda g, lay=lay: self._acc_g(lay, g))
+        return y
+
+    def _acc_a(self, lay: Layer, x: torch.Tensor) -> None:
+        if lay.layout == "embedding":
+            counts = torch.bincount(x.reshape(-1), minlength=lay.cols).float()
+            a = self.curv.a.get(lay.a_key)
+            self.curv.a[lay.a_key] = counts if a is None else a + counts
+            return
+        xf = x.detach().reshape(-1, x.shape[-1]).float()
+        if lay.bias is not None:
+            xf = torch.cat([xf, torch.ones(xf.shape[0], 1, dtype=xf.dtype, device=xf.device)], 1)
+        upd = (xf * xf).sum(0) if lay.cols > self.max_dense else xf.T @ xf
+        a = self.curv.a.get(lay.a_key)
+        self.curv.a[lay.a_key] = upd if a is None else a.add_(upd)
+
+    def _acc_g(self, lay: Layer, g: torch.Tensor) -> None:
+        gf = g.detach().reshape(-1, g.shape[-1]).float()
+        upd = (gf * gf).sum(0) if lay.rows > self.max_dense else gf.T @ gf
+        lay.g = upd if lay.g is None else lay.g.add_(upd)
+
+
+def _instrument(gm: fx.GraphModule, found: dict, sweep: _Sweep) -> fx.GraphModule:
+    graph = fx.Graph()
+    with warnings.catch_warnings():  # torch's pytree deprecation noise when copying export specs
+        warnings.simplefilter("ignore", FutureWarning)
+        graph._codegen = copy.deepcopy(gm.graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    for name, (_, x) in found.items():
+        y = next(env[n] for n in gm.graph.nodes if n.name == name)
+        with graph.inserting_after(y):
+            t = graph.call_function(sweep.tap, (name, env[x], y))
+        y.replace_all_uses_with(t, delete_user_cb=lambda u, t=t: u is not t)
+    return fx.GraphModule(gm, graph)
+
+
+def annotate_curvature(
+    gm: fx.GraphModule,
+    windows: torch.Tensor,
+    *,
+    fisher: str = "empirical",
+    batch_size: int = 1,
+    seed: int = 0,
+    max_dense: int = 8192,
+    progress: bool = True,
+) -> None:
+    """Collect K-FAC factors over ``windows`` (int64 token ids, (N, L)) and store them on ``gm``.
+
+    Args:
+        gm: an annotated graph (``annotate_groups`` first); its parameters are not changed.
+        windows: calibration token windows on any device (moved to the model's device per batch).
+        fisher: ``"empirical"`` (labels are the data's next tokens) or ``"true"`` (labels sampled
+            from the model's own predictive distribution, seeded).
+        batch_size: windows per forward/backward.
+        seed: seed of the sampled labels.
+        max_dense: factors with more rows than this are kept diagonal.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: bad windows or options.
+    """
+    if fisher not in ("empirical", "true"):
+        raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            "windows must be an (N, L) int64 tensor of token ids (see surgeon_fx.data.calibration_windows)"
+        )
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"need at least one calibration window of >= 2 tokens, got shape {tuple(windows.shape)}")
+    found = find_layers(gm, max_dense=max_dense)
+    curv = Curvature({k: lay for k, (lay, _) in found.items()}, fisher=fisher)
+    sweep = _Sweep(curv, max_dense)
+    inst = _instrument(gm, found, sweep)
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [p for p in gm.parameters()]
+    need_param_grads = not any(lay.layout == "embedding" for lay in curv.layers.values())
+    old_flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(need_param_grads)
+    try:
+        for i in tqdm(range(0, len(windows), batch_size), desc="curvature sweep", disable=not progress, leave=False):
+            ids = windows[i : i + batch_size].to(device)
+            sweep.leaves.clear()
+            sweep._seen.clear()
+            with torch.enable_grad():
+                logits = inst(ids).float()
+                if fisher == "empirical":
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+                else:
+                    with torch.no_grad():
+                        probs = torch.softmax(logits.flatten(0, 1), -1)
+                        labels = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                    loss = F.cross_entropy(logits.flatten(0, 1), labels, reduction="sum")
+                inputs = params if need_param_grads else sweep.leaves
+                torch.autograd.grad(loss, inputs, allow_unused=True)
+            curv.tokens += ids.numel()
+    finally:
+        for p, f in zip(params, old_flags):
+            p.requires_grad_(f)
+    for k in curv.a:
+        curv.a[k] = curv.a[k] / curv.tokens
+    for lay in curv.layers.values():
+        if lay.g is None:  # no gradient reached it: a dead layer costs nothing
+            lay.g = torch.zeros(lay.rows if lay.rows > max_dense else (lay.rows, lay.rows), device=device)
+            if lay.rows <= max_dense:
+                lay.g = lay.g.reshape(lay.rows, lay.rows)
+        else:
+            lay.g = lay.g / curv.tokens
+    gm.meta[CURVATURE] = curv
+
+
+def get_curvature(gm: fx.GraphModule) -> Curvature:
+    return require(gm, CURVATURE, producer="annotate_curvature")

@@ -1,0 +1,167 @@
+"""Removal costs from curvature, and the second-order (OBS) weight update of what remains.
+
+Reads: ``gm.meta[GROUPS]`` and ``gm.meta[CURVATURE]``. ``annotate_costs`` writes
+``gm.meta[SCORES]`` (cost per removed parameter, so atoms of different sizes compete fairly for
+a parameter budget) and leaves ``gm.code`` unchanged; ``apply_obs_updates_`` changes parameter
+values in place (hence the underscore) and never shapes. Invariant: an atom's cost is the sum of
+the Kronecker OBS costs of all of its member slices (rows of producers, columns of consumers;
+K-FAC is block-diagonal across layers); the update for one matrix solves jointly for all rows the
+plan removes from it, then for all columns, in sequence.
+
+Methods: ``"surgeon"`` (full K-FAC costs, updates applied), ``"kobd"`` (diagonal Kronecker costs
+1/2 W^2 G_rr A_cc, no update), ``"lobd"`` (activation-only diagonal costs 1/2 W^2 A_cc, no update).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import fx
+
+from surgeon_fx import kfac
+from surgeon_fx.ir import Plan, Scores
+from surgeon_fx.keys import SCORES
+
+from .curvature import Curvature, Layer, get_curvature
+from .groups import get_groups
+
+__all__ = ["annotate_costs", "apply_obs_updates_", "COST_METHODS", "layer_matrix"]
+
+COST_METHODS = ("surgeon", "kobd", "lobd")
+
+
+def layer_matrix(gm: fx.GraphModule, curv: Curvature, lay: Layer) -> torch.Tensor:
+    """The (R, C[+1]) matrix of the formulas: weight in (outputs, inputs) order, bias appended."""
+    a = get_groups(gm)
+    w = gm.get_parameter(a.param_targets[lay.weight]).detach()
+    m = w if lay.layout == "out_in" else w.T
+    if lay.bias is not None:
+        b = gm.get_parameter(a.param_targets[lay.bias]).detach()
+        m = torch.cat([m, b[:, None]], 1)
+    return m
+
+
+class _Inverses:
+    def __init__(self, curv: Curvature, damping: float):
+        self.curv, self.damping = curv, damping
+        self._a: dict[str, torch.Tensor] = {}
+        self._g: dict[str, torch.Tensor] = {}
+
+    def a_inv(self, lay: Layer) -> torch.Tensor:
+        if lay.a_key not in self._a:
+            self._a[lay.a_key] = kfac.damped_inverse(self.curv.factor_a(lay), self.damping)
+        return self._a[lay.a_key]
+
+    def g_inv(self, lay: Layer) -> torch.Tensor:
+        if lay.node not in self._g:
+            self._g[lay.node] = kfac.damped_inverse(lay.g, self.damping)
+        return self._g[lay.node]
+
+
+def _diag(f: torch.Tensor) -> torch.Tensor:
+    return f if f.dim() == 1 else torch.diagonal(f)
+
+
+def _role_costs(method, m, lay, role, blocks, curv, inv) -> np.ndarray:
+    """Cost of removing each block of rows / columns of one layer's matrix ``m``."""
+    single = all(len(b) == 1 for b in blocks)
+    if method == "surgeon":
+        if role == "row":
+            c = kfac.row_costs(m, curv.factor_a(lay), inv.g_inv(lay), None if single else blocks)
+        else:
+            c = kfac.col_costs(m, lay.g, inv.a_inv(lay), None if single else blocks)
+        if single:
+            c = c[torch.as_tensor([b[0] for b in blocks], device=c.device)]
+        return c.cpu().numpy()
+    a_d = _diag(curv.factor_a(lay)).double()
+    g_d = _diag(lay.g).double() if method == "kobd" else torch.ones(lay.rows, dtype=torch.float64, device=m.device)
+    sq = m.double() ** 2 * g_d[:, None] * a_d[None, :]  # 1/2 W^2 G_rr A_cc, elementwise
+    per = (sq.sum(1) if role == "row" else sq.sum(0)) * 0.5
+    return (
+        np.array([float(per[list(b)].sum()) for b in blocks])
+        if not single
+        else per[[b[0] for b in blocks]].cpu().numpy()
+    )
+
+
+def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: float = 0.01) -> None:
+    """Score every atom by its curvature-based removal cost per parameter.
+
+    Args:
+        gm: a graph with groups and curvature (``annotate_groups``, ``annotate_curvature``).
+        method: ``"surgeon"``, ``"kobd"`` or ``"lobd"`` (see the module docstring).
+        damping: relative damping of each factor (``d * mean(diag) * I``).
+
+    Raises:
+        KeyError: groups or curvature missing. ValueError: unknown method.
+    """
+    if method not in COST_METHODS:
+        raise ValueError(f"unknown cost method {method!r}; choose one of {COST_METHODS}")
+    analysis = get_groups(gm)
+    curv = get_curvature(gm)
+    roles = curv.roles()
+    inv = _Inverses(curv, damping)
+    mats: dict[str, torch.Tensor] = {}
+    values = {}
+    for g in analysis.groups:
+        cost = np.zeros(g.n_atoms)
+        for mem in g.members:
+            for lay, role in roles.get((mem.param, mem.axis), ()):
+                if lay.node not in mats:
+                    mats[lay.node] = layer_matrix(gm, curv, lay)
+                cost += _role_costs(method, mats[lay.node], lay, role, mem.indices, curv, inv)
+        values[g.name] = tuple(float(c) for c in np.maximum(cost, 0.0) / max(g.atom_numel, 1))
+    gm.meta[SCORES] = Scores(method, values)
+
+
+@torch.no_grad()
+def apply_obs_updates_(gm: fx.GraphModule, plan: Plan, *, damping: float = 0.01) -> int:
+    """Apply the OBS update for everything ``plan`` removes to the remaining weights, in place.
+
+    For each layer losing rows R and/or columns C: W += -G^-1[:, R] ([G^-1]_RR)^-1 W_R, then
+    W += -W_:C ([A^-1]_CC)^-1 A^-1[C, :] on the updated matrix (bias columns included). Removed
+    entries end exactly zero; shapes do not change (``apply_plan`` slices afterwards). Weights
+    shared by several layers (tied embeddings) are not updated, only sliced later.
+
+    Returns:
+        The number of layers updated.
+    """
+    analysis = get_groups(gm)
+    curv = get_curvature(gm)
+    inv = _Inverses(curv, damping)
+    uses: dict[str, int] = {}
+    for lay in curv.layers.values():
+        uses[lay.weight] = uses.get(lay.weight, 0) + 1
+    n = 0
+    for lay in curv.layers.values():
+        axes = plan.keep.get(lay.weight)
+        if not axes or uses[lay.weight] > 1:
+            continue
+        gone_rows = _removed(axes.get(lay.row_axis), lay.rows)
+        gone_cols = _removed(axes.get(lay.col_axis), lay.cols - (1 if lay.bias else 0))
+        if not gone_rows and not gone_cols:
+            continue
+        m = layer_matrix(gm, curv, lay).double()
+        if gone_rows:
+            m = m + kfac.row_update(m, inv.g_inv(lay), gone_rows)
+        if gone_cols:
+            m = m + kfac.col_update(m, inv.a_inv(lay), gone_cols)
+        _write_back_(gm, analysis, lay, m)
+        n += 1
+    return n
+
+
+def _removed(kept, size: int) -> list[int]:
+    if kept is None:
+        return []
+    keep = set(kept)
+    return [i for i in range(size) if i not in keep]
+
+
+def _write_back_(gm, analysis, lay: Layer, m: torch.Tensor) -> None:
+    w = gm.get_parameter(analysis.param_targets[lay.weight])
+    if lay.bias is not None:
+        b = gm.get_parameter(analysis.param_targets[lay.bias])
+        b.copy_(m[:, -1].to(b.dtype))
+        m = m[:, :-1]
+    w.copy_((m if lay.layout == "out_in" else m.T).to(w.dtype))
