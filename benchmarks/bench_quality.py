@@ -1,0 +1,242 @@
+"""Quality of every structured method on SmolLM2-135M: WikiText-2 perplexity at target sizes.
+
+Compresses to 90/80/70/60/50% of the decoder linear parameters (``basis="linear"``) with each
+method and scores WikiText-2 by the papers' protocol (non-overlapping windows of L tokens). The
+curvature methods run one multi-shot schedule to the smallest size and are evaluated when each
+size is reached (``shots_per_step`` shots per 10%); magnitude is one shot per size. Also times one
+curvature sweep against a bare forward+backward over the same tokens (``--speed``).
+
+Writes ``<out>.json`` and ``<out>.md`` with the command, versions and machine.
+Typical GPU run (token windows prepared on a machine with ``datasets``, see ``--save-tokens``)::
+
+    python benchmarks/bench_quality.py --model SmolLM2.gguf --calib-pt calib.pt --eval-pt eval.pt \\
+        --device cuda --methods surgeon,magnitude --out benchmarks/results/quality_smollm2_h200_a
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import surgeon_fx as sf
+from surgeon_fx.evaluate import perplexity
+
+
+def tokens(args, tok):
+    from surgeon_fx.data import calibration_windows, eval_windows, wikitext2_text
+
+    if args.calib_pt and Path(args.calib_pt).exists():
+        calib = torch.load(args.calib_pt)
+    else:
+        calib = calibration_windows("wiki", tok, n=args.calib_n, seq_len=args.calib_len, seed=0)
+    if args.eval_pt and Path(args.eval_pt).exists():
+        ev = torch.load(args.eval_pt)
+    else:
+        ev = eval_windows(tok, wikitext2_text(args.wikitext), seq_len=args.eval_len)
+    return calib[: args.calib_n, : args.calib_len], ev[: args.eval_windows] if args.eval_windows else ev
+
+
+def speed(model, calib, device) -> dict:
+    """Seconds for one curvature sweep vs a bare forward+backward (parameter gradients) over ``calib``."""
+    import torch.nn.functional as F
+    from surgeon_fx.passes import annotate_groups
+    from surgeon_fx.passes.curvature import annotate_curvature
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    annotate_curvature(gm, calib[:2], progress=False)  # warm-up
+    sync()
+    t = time.perf_counter()
+    annotate_curvature(gm, calib, progress=False)
+    sync()
+    sweep = time.perf_counter() - t
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model(input_ids=calib[:1].to(device), use_cache=False).logits.sum().backward()  # warm-up
+    sync()
+    t = time.perf_counter()
+    for i in range(len(calib)):
+        ids = calib[i : i + 1].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    sync()
+    bare = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {
+        "curvature_sweep_s": sweep,
+        "bare_fwd_bwd_s": bare,
+        "ratio": sweep / bare,
+        "windows": len(calib),
+        "seq_len": calib.shape[1],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods", default="surgeon,kobd,lobd,magnitude")
+    ap.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5", help="kept fractions of decoder linear parameters")
+    ap.add_argument("--shots-per-step", type=int, default=2, help="shots per 10%% of parameters removed")
+    ap.add_argument("--calib-pt"), ap.add_argument("--eval-pt")
+    ap.add_argument("--calib-n", type=int, default=128), ap.add_argument("--calib-len", type=int, default=2048)
+    ap.add_argument("--eval-len", type=int, default=2048), ap.add_argument("--eval-windows", type=int, default=0)
+    ap.add_argument("--wikitext", default=os.environ.get("SURGEON_FX_WIKITEXT"))
+    ap.add_argument("--fisher", default="empirical"), ap.add_argument("--damping", type=float, default=0.01)
+    ap.add_argument("--kinds", default="heads,mlp,residual")
+    ap.add_argument("--speed", action="store_true", help="also time a curvature sweep against a bare fwd+bwd")
+    ap.add_argument("--save-tokens", default=None, help="write calib.pt and eval.pt to this folder and exit")
+    ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
+    args = ap.parse_args()
+
+    from surgeon_fx.models import load_model
+
+    device = torch.device(args.device)
+    model, tok = load_model(args.model)
+    calib, ev = tokens(args, tok)
+    if args.save_tokens:
+        Path(args.save_tokens).mkdir(parents=True, exist_ok=True)
+        torch.save(calib, Path(args.save_tokens) / "calib.pt")
+        torch.save(ev, Path(args.save_tokens) / "eval.pt")
+        print(f"saved {tuple(calib.shape)} calibration and {tuple(ev.shape)} evaluation windows")
+        return 0
+    model = model.to(device).eval()
+    targets = sorted((float(x) for x in args.targets.split(",")), reverse=True)
+    kinds = tuple(args.kinds.split(","))
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "device": str(device),
+        "targets": targets,
+        "calibration": list(calib.shape),
+        "eval": list(ev.shape),
+        "fisher": args.fisher,
+        "kinds": kinds,
+        "methods": {},
+    }
+    t = time.perf_counter()
+    result["dense_ppl"] = perplexity(model, ev, progress=False)
+    print(f"dense: ppl {result['dense_ppl']:.3f} ({time.perf_counter() - t:.1f}s)", flush=True)
+    if args.speed:
+        result["speed"] = speed(model, calib, device)
+        print("speed", result["speed"], flush=True)
+    for method in args.methods.split(","):
+        rows = {}
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if method == "magnitude":
+            for keep in targets:
+                small = sf.compress(model, 1 - keep, method="magnitude", basis="linear", kinds=kinds, progress=False)
+                rows[keep] = _row(small, ev, time.perf_counter() - t0)
+                print(method, keep, rows[keep], flush=True)
+        else:
+            steps = round((1 - targets[-1]) * 10)
+            shots = steps * args.shots_per_step
+            pending = list(targets)
+
+            def on_shot(shot, m, plan, rows=rows, pending=pending, method=method, t0=t0):
+                while pending and plan.linear_after <= pending[0] * plan.linear_before + 1:
+                    keep = pending.pop(0)
+                    rows[keep] = _row(m, ev, time.perf_counter() - t0, plan, shot)
+                    print(method, keep, rows[keep], flush=True)
+
+            sf.compress(
+                model,
+                1 - targets[-1],
+                calibration=calib,
+                method=method,
+                basis="linear",
+                kinds=kinds,
+                shots=shots,
+                fisher=args.fisher,
+                damping=args.damping,
+                progress=False,
+                on_shot=on_shot,
+            )
+        peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+        result["methods"][method] = {
+            "rows": {str(k): v for k, v in rows.items()},
+            "total_s": time.perf_counter() - t0,
+            "peak_gpu_gb": peak,
+        }
+    result["versions"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "surgeon_fx": sf.__version__,
+    }
+    result["machine"] = {
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def _row(model, ev, seconds, plan=None, shot=None) -> dict:
+    plan = plan or model.surgeon_fx_plan
+    ppl = perplexity(model, ev, progress=False)
+    return {
+        "ppl": ppl,
+        "linear_kept": plan.linear_after / plan.linear_before,
+        "params": plan.params_after,
+        "seconds": seconds,
+        "shot": shot,
+    }
+
+
+def markdown(result: dict) -> str:
+    targets = result["targets"]
+    dense = result["dense_ppl"]
+    head = "| method | " + " | ".join(f"{int(round(k * 100))}%" for k in targets) + " |"
+    lines = [
+        f"Dense WikiText-2 PPL {dense:.2f}; cells: PPL (ratio to dense).",
+        "",
+        head,
+        "|" + "---|" * (len(targets) + 1),
+    ]
+    for method, res in result["methods"].items():
+        cells = []
+        for k in targets:
+            r = res["rows"].get(str(k))
+            cells.append(f"{r['ppl']:.2f} (x{r['ppl'] / dense:.2f})" if r else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Command: `{result['command']}`",
+        f"Calibration {result['calibration']}, eval {result['eval']}, "
+        f"fisher {result['fisher']}, kinds {result['kinds']}",
+    ]
+    if "speed" in result:
+        s = result["speed"]
+        lines.append(
+            f"Curvature sweep {s['curvature_sweep_s']:.1f}s vs bare forward+backward {s['bare_fwd_bwd_s']:.1f}s "
+            f"(x{s['ratio']:.2f}) over {s['windows']} x {s['seq_len']} tokens"
+        )
+    for method, res in result["methods"].items():
+        lines.append(f"{method}: total {res['total_s']:.0f}s, peak GPU memory {res['peak_gpu_gb']} GB")
+    lines.append(f"Versions: {result.get('versions')}; machine: {result.get('machine')}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
