@@ -154,18 +154,25 @@ def main() -> int:
                     rows[keep] = _row(m, ev, time.perf_counter() - t0, plan, shot)
                     print(method, keep, rows[keep], flush=True)
 
+            # variants: "surgeon:noupdate" (costs only), "surgeon:d0.1" (damping 0.1), "surgeon:true" (true Fisher)
+            base, *opts = method.split(":")
+            extra = {"update": "noupdate" not in opts, "damping": args.damping, "fisher": args.fisher}
+            for o in opts:
+                if o.startswith("d"):
+                    extra["damping"] = float(o[1:])
+                elif o == "true":
+                    extra["fisher"] = "true"
             sf.compress(
                 model,
                 1 - targets[-1],
                 calibration=calib,
-                method=method,
+                method=base,
                 basis="linear",
                 kinds=kinds,
                 shots=shots,
-                fisher=args.fisher,
-                damping=args.damping,
                 progress=False,
                 on_shot=on_shot,
+                **extra,
             )
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         result["methods"][method] = {

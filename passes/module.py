@@ -251,4 +251,5 @@ def _mismatch(model: nn.Module, gm: fx.GraphModule, raise_eager: bool = False) -
             if raise_eager:
                 raise
             return None
-    return float((ref.float() - out.float()).abs().max())
+    # relative to the logits' scale: eager and graph kernels differ in the last bits on GPUs
+    return float((ref.float() - out.float()).abs().max() / ref.float().abs().max().clamp_min(1.0))

@@ -115,13 +115,18 @@ def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: floa
 
 
 @torch.no_grad()
-def apply_obs_updates_(gm: fx.GraphModule, plan: Plan, *, damping: float = 0.01) -> int:
+def apply_obs_updates_(
+    gm: fx.GraphModule, plan: Plan, *, damping: float = 0.01, rows: bool = True, cols: bool = True
+) -> int:
     """Apply the OBS update for everything ``plan`` removes to the remaining weights, in place.
 
     For each layer losing rows R and/or columns C: W += -G^-1[:, R] ([G^-1]_RR)^-1 W_R, then
     W += -W_:C ([A^-1]_CC)^-1 A^-1[C, :] on the updated matrix (bias columns included). Removed
     entries end exactly zero; shapes do not change (``apply_plan`` slices afterwards). Weights
     shared by several layers (tied embeddings) are not updated, only sliced later.
+
+    Args:
+        rows, cols: which updates to apply (producer rows, consumer columns).
 
     Returns:
         The number of layers updated.
@@ -137,8 +142,8 @@ def apply_obs_updates_(gm: fx.GraphModule, plan: Plan, *, damping: float = 0.01)
         axes = plan.keep.get(lay.weight)
         if not axes or uses[lay.weight] > 1:
             continue
-        gone_rows = _removed(axes.get(lay.row_axis), lay.rows)
-        gone_cols = _removed(axes.get(lay.col_axis), lay.cols - (1 if lay.bias else 0))
+        gone_rows = _removed(axes.get(lay.row_axis), lay.rows) if rows else []
+        gone_cols = _removed(axes.get(lay.col_axis), lay.cols - (1 if lay.bias else 0)) if cols else []
         if not gone_rows and not gone_cols:
             continue
         m = layer_matrix(gm, curv, lay).double()

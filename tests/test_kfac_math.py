@@ -115,3 +115,31 @@ def test_damped_inverse_is_relative_to_the_diagonal():
     torch.testing.assert_close(
         kfac.damped_inverse(torch.tensor([1.0, 3.0]), 0.5), 1 / torch.tensor([2.0, 4.0]).double()
     )
+
+
+@pytest.mark.parametrize("remove", ["rows", "cols"])
+def test_deep_linear_network_predicted_loss_change_is_exact(remove):
+    """y = W2 W1 x with squared error: the Hessian w.r.t. W1 is exactly (W2^T W2) (x) E[x x^T], so at
+    the optimum of W1 the OBS cost equals the true loss increase after the OBS update."""
+    gen = torch.Generator().manual_seed(7)
+    n, d_in, d_hid, d_out = 400, 6, 5, 7
+    x = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(d_out, d_hid, generator=gen, dtype=torch.float64)
+
+    def loss(w1):
+        return 0.5 * ((x @ w1.T @ w2.T - y) ** 2).sum(1).mean()
+
+    a = x.T @ x / n
+    g = w2.T @ w2
+    w1 = torch.linalg.solve(g, w2.T @ (y.T @ x / n)) @ torch.linalg.inv(a)  # the optimum
+    assert torch.autograd.functional.jacobian(loss, w1).abs().max() < 1e-10
+    if remove == "rows":
+        idx = [1, 3]
+        cost = kfac.row_costs(w1, a, torch.linalg.inv(g), [idx])[0]
+        dw = kfac.row_update(w1, torch.linalg.inv(g), idx)
+    else:
+        idx = [0, 4]
+        cost = kfac.col_costs(w1, g, torch.linalg.inv(a), [idx])[0]
+        dw = kfac.col_update(w1, torch.linalg.inv(a), idx)
+    torch.testing.assert_close(loss(w1 + dw) - loss(w1), cost)

@@ -1,0 +1,132 @@
+"""Curvature pass and OBS updates on graphs: factors against brute force, the update's guarantees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from families import ids, logits, tiny_model
+from surgeon_fx.passes import annotate_groups, get_groups, plan_from_removed
+from surgeon_fx.passes.curvature import annotate_curvature, get_curvature
+from surgeon_fx.passes.obs import annotate_costs, apply_obs_updates_
+
+import surgeon_fx as sf
+from surgeon_fx import kfac
+
+
+def _brute_factors(model, module, windows):
+    """Sum of a a^T over inputs and g g^T over output gradients of one eager module, per token."""
+    acts, grads = [], []
+    h1 = module.register_forward_hook(lambda m, i, o: acts.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+    h2 = module.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].detach().reshape(-1, go[0].shape[-1])))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for w in windows:
+        x = w[None]
+        out = model(input_ids=x, use_cache=False).logits
+        F.cross_entropy(out[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum").backward()
+    h1.remove()
+    h2.remove()
+    a = torch.cat(acts).double()
+    g = torch.cat(grads).double()
+    n = a.shape[0]
+    return a.T @ a / n, g.T @ g / n
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_factors_match_brute_force(family):
+    m = tiny_model(family)
+    windows = ids(3, 12, seed=4)
+    gm = sf.trace(m)
+    annotate_groups(gm)
+    annotate_curvature(gm, windows, progress=False)
+    curv = get_curvature(gm)
+    if family == "llama":
+        fqn, module = "model.layers.0.mlp.down_proj.weight", m.model.layers[0].mlp.down_proj
+    else:
+        fqn, module = "transformer.h.1.mlp.c_fc.weight", m.transformer.h[1].mlp.c_fc
+    lay = next(lay for lay in curv.layers.values() if lay.weight == fqn)
+    a_ref, g_ref = _brute_factors(m, module, windows)
+    a = curv.factor_a(lay).double()
+    if lay.bias is not None:
+        a = a[:-1, :-1]  # the bias column is an extra input of activation 1
+    torch.testing.assert_close(a, a_ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(lay.g.double(), g_ref, rtol=1e-4, atol=1e-9)
+    assert curv.tokens == 36
+
+
+def test_analysis_only_passes_leave_code_and_weights_unchanged():
+    m = tiny_model("qwen2")
+    gm = sf.trace(m)
+    annotate_groups(gm)
+    code = gm.code
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    annotate_curvature(gm, ids(2, 10), progress=False)
+    annotate_costs(gm)
+    assert gm.code == code
+    assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+
+
+def test_costs_are_sums_of_member_obs_costs():
+    """An MLP unit's cost is gate-row + up-row + down-column OBS costs, divided by its parameter count."""
+    m = tiny_model("llama")
+    gm = sf.trace(m)
+    annotate_groups(gm)
+    annotate_curvature(gm, ids(4, 16), progress=False)
+    annotate_costs(gm, damping=0.01)
+    a, curv = get_groups(gm), get_curvature(gm)
+    g = a.group("model.layers.1.mlp/mlp")
+    j = 7
+    total = 0.0
+    for lay in curv.layers.values():
+        w = gm.get_parameter(a.param_targets[lay.weight]).detach().double()
+        if lay.weight.endswith(("gate_proj.weight", "up_proj.weight")) and ".1." in lay.weight:
+            total += float(kfac.row_costs(w, curv.factor_a(lay), kfac.damped_inverse(lay.g, 0.01), [[j]])[0])
+        if lay.weight.endswith("down_proj.weight") and ".1." in lay.weight:
+            total += float(kfac.col_costs(w, lay.g, kfac.damped_inverse(curv.factor_a(lay), 0.01), [[j]])[0])
+    assert gm.meta[sf.SCORES].values[g.name][j] == pytest.approx(total / g.atom_numel, rel=1e-6)
+
+
+def test_obs_update_zeroes_removed_slices_and_keeps_shapes():
+    m = tiny_model("llama")
+    gm = sf.trace(m)
+    annotate_groups(gm)
+    annotate_curvature(gm, ids(4, 16), progress=False)
+    a = get_groups(gm)
+    plan = plan_from_removed(a, {"model.layers.0.mlp/mlp": [3, 9], "model.layers.1.self_attn/heads": [0]})
+    shapes = {k: v.shape for k, v in gm.state_dict().items()}
+    n = apply_obs_updates_(gm, plan)
+    assert n == 7  # gate, up, down of layer 0; q, k, v, o of layer 1
+    assert {k: v.shape for k, v in gm.state_dict().items()} == shapes
+    down = m.model.layers[0].mlp.down_proj.weight
+    up = m.model.layers[0].mlp.up_proj.weight
+    assert down[:, [3, 9]].abs().max() < 1e-6 and up[[3, 9]].abs().max() < 1e-6
+    assert m.model.layers[1].self_attn.o_proj.weight[:, :32].abs().max() < 1e-6
+    assert down[:, [0, 1]].abs().max() > 1e-3  # the others carry the compensation
+
+
+def test_surgeon_compress_runs_multi_shot_and_resumes(tmp_path):
+    """Two shots with checkpoints; a resumed run from the checkpoint gives the same model."""
+    m = tiny_model("llama")
+    calib = ids(4, 16, seed=5)
+    ck = tmp_path / "ck"
+    out = sf.compress(m, 0.3, calibration=calib, shots=2, checkpoint_dir=str(ck), progress=False)
+    assert out.surgeon_fx_plan.method == "surgeon" and (ck / "state.json").exists()
+    again = sf.compress(m, 0.3, calibration=calib, shots=2, checkpoint_dir=str(ck), progress=False)
+    x = ids(2, 9)
+    torch.testing.assert_close(logits(again, x), logits(out, x))
+    assert sum(p.numel() for p in out.parameters()) == out.surgeon_fx_plan.params_after
+
+
+def test_calibration_errors_are_clear():
+    m = tiny_model("llama")
+    with pytest.raises(ValueError, match="needs calibration"):
+        sf.compress(m, 0.2, method="surgeon")
+    with pytest.raises(ValueError, match="empty or too short"):
+        sf.compress(m, 0.2, calibration=torch.zeros(0, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty or too short"):
+        sf.compress(m, 0.2, calibration=torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside"):
+        sf.compress(m, 0.2, calibration=torch.full((2, 8), 10_000, dtype=torch.long))
+    with pytest.raises(ValueError, match="2-D int64"):
+        sf.compress(m, 0.2, calibration=torch.zeros(2, 8))
