@@ -98,6 +98,7 @@ def main() -> int:
     ap.add_argument("--wikitext", default=os.environ.get("SURGEON_FX_WIKITEXT"))
     ap.add_argument("--fisher", default="empirical"), ap.add_argument("--damping", type=float, default=0.01)
     ap.add_argument("--kinds", default="heads,mlp,residual")
+    ap.add_argument("--update", default="columns", choices=("none", "columns", "rows", "both"))
     ap.add_argument("--speed", action="store_true", help="also time a curvature sweep against a bare fwd+bwd")
     ap.add_argument("--save-tokens", default=None, help="write calib.pt and eval.pt to this folder and exit")
     ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
@@ -156,12 +157,18 @@ def main() -> int:
 
             # variants: "surgeon:noupdate" (costs only), "surgeon:d0.1" (damping 0.1), "surgeon:true" (true Fisher)
             base, *opts = method.split(":")
-            extra = {"update": "noupdate" not in opts, "damping": args.damping, "fisher": args.fisher}
+            extra = {
+                "update": "none" if "noupdate" in opts else args.update,
+                "damping": args.damping,
+                "fisher": args.fisher,
+            }
             for o in opts:
                 if o.startswith("d"):
                     extra["damping"] = float(o[1:])
                 elif o == "true":
                     extra["fisher"] = "true"
+                elif o in ("none", "columns", "rows", "both"):
+                    extra["update"] = o
             sf.compress(
                 model,
                 1 - targets[-1],

@@ -25,7 +25,7 @@ from surgeon_fx.keys import SCORES
 from .curvature import Curvature, Layer, get_curvature
 from .groups import get_groups
 
-__all__ = ["annotate_costs", "apply_obs_updates_", "COST_METHODS", "layer_matrix"]
+__all__ = ["annotate_costs", "apply_obs_updates_", "COST_METHODS", "UPDATES", "layer_matrix"]
 
 COST_METHODS = ("surgeon", "kobd", "lobd")
 
@@ -62,14 +62,23 @@ def _diag(f: torch.Tensor) -> torch.Tensor:
     return f if f.dim() == 1 else torch.diagonal(f)
 
 
-def _role_costs(method, m, lay, role, blocks, curv, inv) -> np.ndarray:
-    """Cost of removing each block of rows / columns of one layer's matrix ``m``."""
+def _role_costs(method, m, lay, role, blocks, curv, inv, update: str = "both") -> np.ndarray:
+    """Cost of removing each block of rows / columns of one layer's matrix ``m``.
+
+    With ``method="surgeon"`` a side that the update compensates (``update``) costs the OBS
+    amount; a side left uncompensated costs the loss increase with the other weights fixed.
+    """
     single = all(len(b) == 1 for b in blocks)
     if method == "surgeon":
-        if role == "row":
-            c = kfac.row_costs(m, curv.factor_a(lay), inv.g_inv(lay), None if single else blocks)
+        sel = None if single else blocks
+        if role == "row" and update in ("rows", "both"):
+            c = kfac.row_costs(m, curv.factor_a(lay), inv.g_inv(lay), sel)
+        elif role == "row":
+            c = kfac.row_costs_fixed(m, curv.factor_a(lay), lay.g, sel)
+        elif update in ("columns", "both"):
+            c = kfac.col_costs(m, lay.g, inv.a_inv(lay), sel)
         else:
-            c = kfac.col_costs(m, lay.g, inv.a_inv(lay), None if single else blocks)
+            c = kfac.col_costs_fixed(m, lay.g, curv.factor_a(lay), sel)
         if single:
             c = c[torch.as_tensor([b[0] for b in blocks], device=c.device)]
         return c.cpu().numpy()
@@ -84,19 +93,26 @@ def _role_costs(method, m, lay, role, blocks, curv, inv) -> np.ndarray:
     )
 
 
-def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: float = 0.01) -> None:
+UPDATES = ("none", "columns", "rows", "both")
+
+
+def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: float = 0.01, update: str = "both") -> None:
     """Score every atom by its curvature-based removal cost per parameter.
 
     Args:
         gm: a graph with groups and curvature (``annotate_groups``, ``annotate_curvature``).
         method: ``"surgeon"``, ``"kobd"`` or ``"lobd"`` (see the module docstring).
         damping: relative damping of each factor (``d * mean(diag) * I``).
+        update: which sides the OBS update will compensate (``"none"``, ``"columns"``, ``"rows"``,
+            ``"both"``); the costs of the other sides assume the remaining weights stay fixed.
 
     Raises:
         KeyError: groups or curvature missing. ValueError: unknown method.
     """
     if method not in COST_METHODS:
         raise ValueError(f"unknown cost method {method!r}; choose one of {COST_METHODS}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
     analysis = get_groups(gm)
     curv = get_curvature(gm)
     roles = curv.roles()
@@ -109,7 +125,7 @@ def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: floa
             for lay, role in roles.get((mem.param, mem.axis), ()):
                 if lay.node not in mats:
                     mats[lay.node] = layer_matrix(gm, curv, lay)
-                cost += _role_costs(method, mats[lay.node], lay, role, mem.indices, curv, inv)
+                cost += _role_costs(method, mats[lay.node], lay, role, mem.indices, curv, inv, update)
         values[g.name] = tuple(float(c) for c in np.maximum(cost, 0.0) / max(g.atom_numel, 1))
     gm.meta[SCORES] = Scores(method, values)
 

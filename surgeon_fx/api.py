@@ -47,7 +47,9 @@ class CompressConfig:
         fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the model).
         damping: K-FAC damping relative to each factor's mean diagonal.
         batch_size: calibration windows per forward/backward of the curvature sweep.
-        update: apply the second-order (OBS) update to the remaining weights (``"surgeon"`` only).
+        update: which second-order (OBS) updates ``"surgeon"`` applies to the remaining weights:
+            ``"columns"`` (default: consumers compensate a removed input from correlated inputs),
+            ``"rows"``, ``"both"`` or ``"none"``; costs of uncompensated sides assume fixed weights.
         checkpoint_dir: save the model and composed plan after every shot there, and resume from it.
     """
 
@@ -65,7 +67,7 @@ class CompressConfig:
     fisher: str = "empirical"
     damping: float = 0.01
     batch_size: int = 1
-    update: bool = True
+    update: str = "columns"
     checkpoint_dir: str | None = None
 
     def __post_init__(self):
@@ -97,6 +99,10 @@ class CompressConfig:
             raise ValueError(f"fisher must be 'empirical' or 'true', got {self.fisher!r}")
         if not (self.damping > 0):
             raise ValueError(f"damping must be > 0, got {self.damping!r}")
+        if self.update is True or self.update is False:  # accept booleans: True = both sides
+            object.__setattr__(self, "update", "both" if self.update else "none")
+        if self.update not in ("none", "columns", "rows", "both"):
+            raise ValueError(f"update must be 'none', 'columns', 'rows' or 'both', got {self.update!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
 

@@ -11,6 +11,8 @@ Formulas (van der Ouderaa et al., 2024; Hassibi & Stork, 1993):
 - remove rows R:    dL = 1/2 tr(([G^-1]_RR)^-1 W_R A W_R^T),  dW = -G^-1[:, R] ([G^-1]_RR)^-1 W_R
 - remove columns C: dL = 1/2 tr(([A^-1]_CC)^-1 W_:C^T G W_:C), dW = -W_:C ([A^-1]_CC)^-1 A^-1[C, :]
 - remove element (r, c): dL = 1/2 W_rc^2 / ([G^-1]_rr [A^-1]_cc)
+Without the compensating update (the other weights kept fixed) the costs are
+- rows R:    dL = 1/2 tr(G_RR W_R A W_R^T);   columns C: dL = 1/2 tr(A_CC W_:C^T G W_:C)
 A factor may be diagonal (a 1-D tensor), e.g. ``A`` of an embedding (one-hot inputs) or ``G`` of a
 vocabulary-sized output; the same formulas apply with diagonal matrices.
 """
@@ -21,7 +23,17 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["damped_inverse", "row_costs", "col_costs", "row_update", "col_update", "element_costs", "as_matrix"]
+__all__ = [
+    "damped_inverse",
+    "row_costs",
+    "col_costs",
+    "row_costs_fixed",
+    "col_costs_fixed",
+    "row_update",
+    "col_update",
+    "element_costs",
+    "as_matrix",
+]
 
 
 def as_matrix(f: torch.Tensor) -> torch.Tensor:
@@ -108,6 +120,34 @@ def col_costs(w: torch.Tensor, g: torch.Tensor, a_inv: torch.Tensor, blocks: Seq
         wc = w[:, idx]
         inner = _quad(wc.T, g)
         out[i] = 0.5 * torch.trace(torch.linalg.solve(_sub(a_inv, idx), inner))
+    return out
+
+
+def row_costs_fixed(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, blocks: Sequence[Sequence[int]] | None = None):
+    """Loss increase of removing each block of rows with every other weight kept fixed (no update)."""
+    w, a, g = w.double(), a.double(), g.double()
+    quad = ((w * a) if a.dim() == 1 else w @ a) * w  # (R, C): row r's w_r A w_r^T summed over C below
+    if blocks is None:
+        gd = g if g.dim() == 1 else torch.diagonal(g)
+        return 0.5 * gd * quad.sum(1)
+    out = torch.empty(len(blocks), dtype=torch.float64, device=w.device)
+    for i, b in enumerate(blocks):
+        idx = torch.as_tensor(b, device=w.device)
+        out[i] = 0.5 * torch.trace(_sub(g, idx) @ _quad(w[idx], a))
+    return out
+
+
+def col_costs_fixed(w: torch.Tensor, g: torch.Tensor, a: torch.Tensor, blocks: Sequence[Sequence[int]] | None = None):
+    """Loss increase of removing each block of columns with every other weight kept fixed (no update)."""
+    w, a, g = w.double(), a.double(), g.double()
+    if blocks is None:
+        gw = (w * g[:, None]) if g.dim() == 1 else g @ w
+        ad = a if a.dim() == 1 else torch.diagonal(a)
+        return 0.5 * ad * (gw * w).sum(0)
+    out = torch.empty(len(blocks), dtype=torch.float64, device=w.device)
+    for i, b in enumerate(blocks):
+        idx = torch.as_tensor(b, device=w.device)
+        out[i] = 0.5 * torch.trace(_sub(a, idx) @ _quad(w[:, idx].T, g))
     return out
 
 

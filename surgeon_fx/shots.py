@@ -101,7 +101,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             annotate_curvature(
                 gm, calibration, fisher=cfg.fisher, batch_size=cfg.batch_size, seed=cfg.seed + t, progress=progress
             )
-            annotate_costs(gm, method=cfg.method, damping=cfg.damping)
+            annotate_costs(gm, method=cfg.method, damping=cfg.damping, update=cfg.update)
         if cfg.uniform:
             from .passes.uniform import make_uniform_plan
 
@@ -117,8 +117,14 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         else:
             annotate_plan(gm, ratio_t, basis=cfg.basis, kinds=cfg.kinds, min_atoms=cfg.min_atoms)
             plan = gm.meta["surgeon_fx.plan"]
-        if cfg.method == "surgeon" and cfg.update:
-            apply_obs_updates_(gm, plan, damping=cfg.damping)
+        if cfg.method == "surgeon" and cfg.update != "none":
+            apply_obs_updates_(
+                gm,
+                plan,
+                damping=cfg.damping,
+                rows=cfg.update in ("rows", "both"),
+                cols=cfg.update in ("columns", "both"),
+            )
         new = apply_plan(gm, plan)
         if cfg.output == "module" or t < cfg.shots:
             apply_plan_to_module_(work, plan, old=gm, new=new)

@@ -143,3 +143,20 @@ def test_deep_linear_network_predicted_loss_change_is_exact(remove):
         cost = kfac.col_costs(w1, g, torch.linalg.inv(a), [idx])[0]
         dw = kfac.col_update(w1, torch.linalg.inv(a), idx)
     torch.testing.assert_close(loss(w1 + dw) - loss(w1), cost)
+
+
+def test_fixed_costs_are_the_loss_without_compensation():
+    r, c = 5, 6
+    g, a = _spd(r, 11), _spd(c, 12)
+    w = torch.randn(r, c, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    rows, cols = [0, 2], [1, 5]
+    dw = torch.zeros_like(w)
+    dw[rows] = -w[rows]
+    torch.testing.assert_close(kfac.row_costs_fixed(w, a, g, [rows])[0], _quad_loss(dw, g, a))
+    dw = torch.zeros_like(w)
+    dw[:, cols] = -w[:, cols]
+    torch.testing.assert_close(kfac.col_costs_fixed(w, g, a, [cols])[0], _quad_loss(dw, g, a))
+    torch.testing.assert_close(kfac.row_costs_fixed(w, a, g), kfac.row_costs_fixed(w, a, g, [[i] for i in range(r)]))
+    torch.testing.assert_close(kfac.col_costs_fixed(w, g, a), kfac.col_costs_fixed(w, g, a, [[j] for j in range(c)]))
+    # compensation never costs more than keeping the other weights fixed
+    assert kfac.row_costs(w, a, torch.linalg.inv(g), [rows])[0] <= kfac.row_costs_fixed(w, a, g, [rows])[0]

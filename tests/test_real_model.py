@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +43,21 @@ def test_compress_real_model_30_percent(smollm2):
     out = small.generate(windows[:1, :8], max_new_tokens=4, do_sample=False, min_new_tokens=4)
     assert out.shape == (1, 12)
     assert torch.equal(out[:, :8], windows[:1, :8])
+
+
+def test_surgeon_beats_magnitude_on_real_model(smollm2):
+    """Short CPU run: 16 x 256 calibration tokens, 2 shots, 20% of the decoder linear parameters."""
+    from surgeon_fx.data import calibration_windows, eval_windows, wiki_calibration_text, wikitext2_text
+    from surgeon_fx.evaluate import perplexity
+
+    model, tok = smollm2
+    calib = calibration_windows("wiki", tok, n=16, seq_len=256, seed=0)
+    wikitext = Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2-raw/test.jsonl"
+    text = wikitext2_text(wikitext) if wikitext.exists() else wiki_calibration_text()[-400_000:]
+    held = eval_windows(tok, text, seq_len=256, max_windows=6)  # WikiText-2: never seen in calibration
+    surgeon = sf.compress(model, 0.2, calibration=calib, shots=2, basis="linear", progress=False)
+    magnitude = sf.compress(model, 0.2, method="magnitude", basis="linear", progress=False)
+    p_s, p_m = perplexity(surgeon, held, progress=False), perplexity(magnitude, held, progress=False)
+    dense = perplexity(model, held, progress=False)
+    assert math.isfinite(p_s) and dense < p_s < p_m
+    assert surgeon.surgeon_fx_plan.linear_ratio >= 0.2
