@@ -1,14 +1,17 @@
-"""CPU ablation of the OBS update policy on SmolLM2-135M: one shot to 10% of the decoder linear
-parameters, 16 x 256 calibration tokens (packaged Wikipedia), 8 x 256 WikiText-2 held-out tokens.
+"""CPU ablation of the OBS update policy on SmolLM2-135M.
 
-Run: python benchmarks/ablation_update.py  (prints one line per method/policy)
+One shot to 10% of the decoder linear parameters, 16 x 256 calibration tokens (packaged Wikipedia),
+8 x 256 WikiText-2 held-out tokens. Run: ``python benchmarks/ablation_update.py [WIKITEXT_JSONL]``;
+prints one line per method/policy (results: ``benchmarks/results/ablation_update_cpu.md``).
 """
 
+from __future__ import annotations
+
+import sys
 import time
+from pathlib import Path
 
 import torch
-
-torch.set_num_threads(2)
 from surgeon_fx.passes import annotate_groups, apply_plan, get_groups, make_plan
 from surgeon_fx.passes.curvature import annotate_curvature
 from surgeon_fx.passes.obs import annotate_costs, apply_obs_updates_
@@ -18,28 +21,29 @@ from surgeon_fx.data import calibration_windows, eval_windows, wikitext2_text
 from surgeon_fx.evaluate import perplexity
 from surgeon_fx.models import load_smollm2
 
-model, tok = load_smollm2()
-calib = calibration_windows("wiki", tok, n=16, seq_len=256, seed=0)
-held = eval_windows(
-    tok,
-    wikitext2_text(
-        str(__import__("pathlib").Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/test.jsonl")
-    ),
-    seq_len=256,
-    max_windows=8,
-)
-gm0 = sf.trace(model)
-annotate_groups(gm0)
-annotate_curvature(gm0, calib, progress=False)
-sd = {k: v.clone() for k, v in model.state_dict().items()}
-for method, pol in [("kobd", "none"), ("surgeon", "none"), ("surgeon", "columns"), ("surgeon", "both")]:
-    model.load_state_dict(sd)
-    t = time.time()
-    annotate_costs(gm0, method=method, update=pol)
-    plan = make_plan(get_groups(gm0), gm0.meta[sf.SCORES], 0.1, basis="linear")
-    if method == "surgeon" and pol != "none":
-        apply_obs_updates_(gm0, plan, rows=pol in ("rows", "both"), cols=pol in ("columns", "both"))
-    new = apply_plan(gm0, plan)
-    print(
-        f"{method} update={pol}: ppl {perplexity(new, held, progress=False):.3f} ({time.time() - t:.0f}s)", flush=True
-    )
+DEFAULT_WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/test.jsonl"
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model, tok = load_smollm2()
+    calib = calibration_windows("wiki", tok, n=16, seq_len=256, seed=0)
+    text = wikitext2_text(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_WIKITEXT)
+    held = eval_windows(tok, text, seq_len=256, max_windows=8)
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    annotate_curvature(gm, calib, progress=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for method, policy in [("kobd", "none"), ("surgeon", "none"), ("surgeon", "columns"), ("surgeon", "both")]:
+        model.load_state_dict(state)  # the graph shares the model's parameters
+        t = time.time()
+        annotate_costs(gm, method=method, update=policy)
+        plan = make_plan(get_groups(gm), gm.meta[sf.SCORES], 0.1, basis="linear")
+        if method == "surgeon" and policy != "none":
+            apply_obs_updates_(gm, plan, rows=policy in ("rows", "both"), cols=policy in ("columns", "both"))
+        ppl = perplexity(apply_plan(gm, plan), held, progress=False)
+        print(f"{method} update={policy}: ppl {ppl:.3f} ({time.time() - t:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
