@@ -2,6 +2,8 @@
 
 from . import passes  # noqa: E402  (surgeon_fx.passes)
 from .api import CompressConfig, check_model, compress, prune
+from .checkpoint import load_pretrained, save_pretrained
+from .export import export_onnx, export_pt2
 from .ir import KINDS, Analysis, Group, Member, Plan, Scores, TraceInfo
 from .keys import GROUPS, PLAN, SCORES, SOURCE, SurgeonError, UnsupportedGraphError, require
 from .tracing import trace
@@ -27,5 +29,9 @@ __all__ = [
     "SurgeonError",
     "UnsupportedGraphError",
     "require",
+    "save_pretrained",
+    "load_pretrained",
+    "export_onnx",
+    "export_pt2",
 ]
 __version__ = "0.1.0"

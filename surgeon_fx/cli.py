@@ -1,8 +1,15 @@
-"""The ``surgeon-fx`` command line: ``demo``, ``inspect`` and ``eval``.
+"""The ``surgeon-fx`` command line: ``compress``, ``eval``, ``export``, ``inspect`` and ``demo``.
 
-Reads: models from local folders, GGUF files or the packaged SmolLM2-135M; text from WikiText-2 JSONL
-files or the packaged Wikipedia corpus. Writes: tables on stdout, optional JSON results.
-Invariant: exit code 0 on success, 2 on bad arguments or input, 1 on an unexpected failure.
+Reads: models from local Hugging Face folders, surgeon_fx checkpoints, GGUF files, the packaged SmolLM2-135M
+or Hub names (where reachable); text from WikiText-2 JSONL files, local text files or the packaged Wikipedia
+corpus. Writes: ``compress``: one output folder (see :mod:`surgeon_fx.pipeline`); ``export``: one file;
+the others: tables on stdout (``demo``: optional JSON). Invariant: the exit codes below mean the same for
+every command, and every error is one line on stderr saying what is wrong and what to do.
+
+Exit codes: 0 success; 1 unexpected failure (a bug: the traceback is printed); 2 bad arguments or input
+(missing files, bad ratio, unknown model, ...); 3 the output exists and --force was not given, or an
+interrupted run in ``<out>.partial`` has other settings (use --restart); 130 interrupted (Ctrl-C): the
+partial output is kept and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -10,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -18,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_EXISTS", "EXIT_INTERRUPTED"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_EXISTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _file_size(model: torch.nn.Module) -> int:
@@ -150,10 +158,10 @@ def cmd_demo(args) -> int:
 def cmd_inspect(args) -> int:
     """Print the groups table of a model."""
     from . import trace
-    from .models import load_model
     from .passes import annotate_groups, get_groups
+    from .pipeline import load_any
 
-    model, _ = load_model(args.model)
+    model, _ = load_any(args.model)
     gm = trace(model)
     annotate_groups(gm, on_unknown=args.on_unknown)
     a = get_groups(gm)
@@ -168,9 +176,9 @@ def cmd_eval(args) -> int:
     """Print the perplexity of a model on WikiText-2 (or the packaged corpus)."""
     from .data import eval_windows
     from .evaluate import perplexity
-    from .models import load_model
+    from .pipeline import load_any
 
-    model, tok = load_model(args.model)
+    model, tok = load_any(args.model, args.device)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer; eval needs one to read text")
     text, source = _text(args)
@@ -178,6 +186,40 @@ def cmd_eval(args) -> int:
     ppl = perplexity(model, windows)
     print(f"perplexity {ppl:.3f} on {len(windows)} windows of {args.seq_len} tokens of {source}")
     return 0
+
+
+def cmd_compress(args) -> int:
+    """Compress a model into an output folder: checkpoint, tokenizer, exports, report (see surgeon_fx.pipeline)."""
+    from .pipeline import run_compress
+
+    if not 0.0 <= args.ratio < 1.0:
+        raise ValueError(f"--ratio must be in [0, 1), got {args.ratio} (0.3 removes 30% of the parameters)")
+    for name in ("multiple", "calib_windows", "calib_seq_len", "windows", "seq_len", "shots"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    torch.manual_seed(args.seed)
+    out = run_compress(args, args.argv)
+    print(f"done: {out} (report: {out / 'report.md'})")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    """Export a model (e.g. a compressed checkpoint) as ONNX or a torch.export program, verified."""
+    from .export import export_onnx, export_pt2
+    from .pipeline import load_any
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        print(f"surgeon-fx export: {out} already exists; pass --force to replace it", file=sys.stderr)
+        return EXIT_EXISTS
+    model, _ = load_any(args.model, args.device)
+    if args.format == "onnx":
+        export_onnx(model, out, external_data=True if args.external_data else None, verify=not args.no_verify)
+    else:
+        export_pt2(model, out, verify=not args.no_verify)
+    print(f"wrote {out}" + ("" if args.no_verify else " (checked against torch on two fresh input sizes)"))
+    return EXIT_OK
 
 
 def _pct(a: float, b: float) -> str:
@@ -193,22 +235,21 @@ def _table(head, rows) -> str:
 
 
 def _versions() -> dict:
-    import transformers
+    from .pipeline import _versions as versions
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "platform": platform.platform(),
-    }
+    return versions()
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .ir import KINDS
+    from .pipeline import add_compress_parser
 
     p = argparse.ArgumentParser(
-        prog="surgeon-fx", description="Structured pruning of language models as torch.fx passes."
+        prog="surgeon-fx",
+        description="Structured pruning of language models as torch.fx passes. `surgeon-fx COMMAND --help` "
+        "explains every option of a command.",
+        epilog=_EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -216,8 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--model",
             default="smollm2-135m",
-            help="local Hugging Face folder, .gguf file, or 'smollm2-135m' (the packaged model; default)",
+            help="local Hugging Face folder (also a surgeon-fx output folder), .gguf file, 'smollm2-135m' (the "
+            "packaged model; default), or a Hub name where the Hub is reachable",
         )
+
+    def device_arg(sp):
+        sp.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda:0 (default cpu)")
 
     def text_args(sp, windows: int, seq_len: int):
         sp.add_argument(
@@ -256,22 +301,61 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-v", "--verbose", action="store_true", help="describe every group")
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("eval", help="perplexity of a model")
+    e = sub.add_parser("eval", help="perplexity of a model", epilog=_EXIT_HELP)
     model_arg(e)
+    device_arg(e)
     text_args(e, 8, 512)
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="export a model as ONNX or .pt2 (verified against torch)", epilog=_EXIT_HELP)
+    model_arg(x)
+    device_arg(x)
+    x.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="onnx (default) or pt2 (torch.export)")
+    x.add_argument("-o", "--output", required=True, help="file to write, e.g. model.onnx")
+    x.add_argument("--external-data", action="store_true", help="ONNX: always keep weights in <output>.data")
+    x.add_argument("--no-verify", action="store_true", help="skip the check against torch on fresh inputs")
+    x.add_argument("--force", action="store_true", help="replace an existing output file")
+    x.set_defaults(func=cmd_export)
+
+    add_compress_parser(sub, model_arg, device_arg, text_args, cmd_compress, _EXIT_HELP)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .keys import SurgeonError
+_EXIT_HELP = (
+    "exit codes: 0 success; 1 unexpected failure (traceback printed); 2 bad arguments or input; 3 output "
+    "exists (no --force) or an interrupted run has other settings (--restart); 130 interrupted (the same "
+    "command resumes)"
+)
 
-    args = build_parser().parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    import traceback
+
+    from .keys import SurgeonError
+    from .rundir import OutputExistsError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: 0 for --help, 2 for bad arguments
+        return int(e.code or 0)
+    args.argv = argv
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, SurgeonError) as e:
+    except OutputExistsError as e:
+        print(f"surgeon-fx {args.command}: {e}", file=sys.stderr)
+        return EXIT_EXISTS
+    except KeyboardInterrupt:
+        print(f"surgeon-fx {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError, SurgeonError) as e:
         print(f"surgeon-fx {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except Exception as e:
+        traceback.print_exc()
+        print(f"surgeon-fx {args.command}: unexpected error ({type(e).__name__}); please report it", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,212 @@
+"""The ``surgeon-fx`` command line: the output folder, exit codes, overwrite refusal, interruption and resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from families import ids, logits, tiny_model
+from test_checkpoint import tiny_tokenizer
+
+from surgeon_fx import api, export
+from surgeon_fx.checkpoint import load_pretrained
+from surgeon_fx.cli import EXIT_EXISTS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, build_parser, main
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A tiny Llama folder with a tokenizer, and 50 rows of text in its vocabulary."""
+    folder = tmp_path_factory.mktemp("src")
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    r = random.Random(0)
+    rows = [json.dumps({"text": " ".join(f"w{r.randrange(128)}" for _ in range(40))}) for _ in range(50)]
+    (folder / "text.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def compress_args(src: Path, out: Path, *extra: str) -> list[str]:
+    text = ["--wikitext", str(src / "text.jsonl"), "--windows", "2", "--seq-len", "16"]
+    return ["compress", "--model", str(src), "--out", str(out), *text, *extra]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+def test_every_option_is_explained(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"compress", "eval", "export", "inspect", "demo"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+    assert main(["compress", "--help"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert all(m in text for m in api.METHODS) and "exit codes" in text and ".partial" in text
+
+
+def test_compress_writes_a_complete_folder(src, tmp_path):
+    """Weights, config, tokenizer, ONNX, report with plots; the checkpoint loads back and matches ONNX."""
+    out = tmp_path / "out"
+    assert main(compress_args(src, out, "--ratio", "0.3", "--export", "onnx")) == EXIT_OK
+    names = {f.name for f in out.iterdir()}
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "model.onnx", "report.md", "report.json"}
+    assert expected | {"widths.png", "perplexity.png"} <= names
+    assert not (tmp_path / "out.partial").exists()
+    report = (out / "report.md").read_text()
+    assert (
+        "surgeon-fx compress --model" in report
+        and "perplexity" in report
+        and "![Kept width per layer](widths.png)" in report
+    )
+    record = json.loads((out / "report.json").read_text())
+    assert record["compressed"]["parameters"] < record["dense"]["parameters"]
+    assert record["dense"]["perplexity"] > 1 and [p["label"] for p in record["points"]] == ["dense", "shot 1"]
+    model = load_pretrained(out)
+    assert torch.equal(logits(model, ids()), logits(load_pretrained(out), ids()))
+    assert (
+        main(["eval", "--model", str(out), "--wikitext", str(src / "text.jsonl"), "--windows", "1", "--seq-len", "8"])
+        == 0
+    )
+    assert main(["export", "--model", str(out), "--format", "pt2", "-o", str(tmp_path / "m.pt2")]) == EXIT_OK
+    assert main(["export", "--model", str(out), "--format", "pt2", "-o", str(tmp_path / "m.pt2")]) == EXIT_EXISTS
+
+
+def test_refuses_to_overwrite_and_survives_an_interruption(src, tmp_path, monkeypatch, capsys):
+    """Exit 3 without --force; a failure mid-run leaves the old output intact; the rerun resumes."""
+    out = tmp_path / "out"
+    assert main(compress_args(src, out, "--ratio", "0.2", "--export")) == EXIT_OK
+    before = digest(out)
+    assert main(compress_args(src, out, "--ratio", "0.3", "--export")) == EXIT_EXISTS
+    assert "--force" in capsys.readouterr().err and digest(out) == before
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_pt2", boom)
+    args = compress_args(src, out, "--ratio", "0.3", "--export", "pt2", "--force")
+    assert main(args) == EXIT_INTERRUPTED
+    assert digest(out) == before  # the previous output is untouched
+    state = json.loads((tmp_path / "out.partial" / "run.json").read_text())
+    assert state["done"]["save"] is True and "export pt2" not in state["done"]
+
+    monkeypatch.undo()
+    calls = []
+    real = api.compress
+    monkeypatch.setattr(api, "compress", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main([*args, "--ratio", "0.25"]) == EXIT_EXISTS  # other settings: refused, partial kept
+    assert "--restart" in capsys.readouterr().err
+    assert main(args) == EXIT_OK
+    assert calls == [] and "resuming" in capsys.readouterr().out  # resumed from the saved checkpoint
+    assert not (tmp_path / "out.partial").exists() and (out / "model.pt2").is_file()
+    assert json.loads((out / "report.json").read_text())["settings"]["ratio"] == 0.3
+
+
+def test_interrupted_multi_shot_run_resumes_from_its_last_shot(src, tmp_path, monkeypatch):
+    """Ctrl-C while shot 2 is evaluated: the rerun continues with shot 3 from OUT.partial/shots/."""
+    from surgeon_fx import evaluate
+
+    real, calls = evaluate.perplexity, []
+
+    def counting(model, windows, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # dense, shot 1, shot 2 <- interrupted here
+            raise KeyboardInterrupt
+        return real(model, windows, **kw)
+
+    monkeypatch.setattr(evaluate, "perplexity", counting)
+    args = compress_args(src, tmp_path / "out", "--ratio", "0.3", "--shots", "3", "--export")
+    assert main(args) == EXIT_INTERRUPTED
+    assert json.loads((tmp_path / "out.partial" / "shots" / "state.json").read_text())["shot"] == 2
+    calls.clear()
+    assert main(args) == EXIT_OK
+    assert len(calls) == 1  # only shot 3 was compressed and evaluated again; dense and the final result reused
+    record = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [p["label"] for p in record["points"]] == ["dense", "shot 1", "shot 2", "shot 3"]
+    assert record["points"][2]["perplexity"] is None and record["compressed"]["perplexity"] > 1
+    assert abs(record["compressed"]["parameters"] / record["dense"]["parameters"] - 0.7) < 0.02
+
+
+def test_restart_discards_partial_state(src, tmp_path, monkeypatch):
+    """A failed run (exit 1) keeps OUT.partial; --restart starts over with other settings."""
+
+    def fail(*a, **k):
+        raise RuntimeError("disk full")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(api, "compress", fail)
+    assert main(compress_args(src, out, "--export", "--no-eval")) == 1
+    assert (tmp_path / "out.partial" / "run.json").is_file()
+    monkeypatch.undo()
+    assert main(compress_args(src, out, "--export", "--no-eval", "--ratio", "0.1", "--restart")) == EXIT_OK
+    assert out.is_dir() and not (tmp_path / "out.partial").exists()
+
+
+def test_bad_input_exit_codes(src, tmp_path, capsys):
+    assert main(compress_args(src, tmp_path / "a", "--ratio", "1.5")) == EXIT_USAGE
+    assert main(["compress", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "b")]) == EXIT_USAGE
+    assert main(["compress", "--model", str(src), "--out", str(tmp_path / "c"), "--method", "nope"]) == EXIT_USAGE
+    assert main(["inspect", "--model", str(src)]) == EXIT_OK and "groups" in capsys.readouterr().out
+
+
+STOCK_LOAD = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    out = model(input_ids=torch.arange(100, 116)[None], use_cache=False).logits
+torch.save(out, sys.argv[2])
+assert not any(m.split(".")[0] == "surgeon_fx" for m in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_compress_real_smollm2_end_to_end(tmp_path):
+    """The installed console script on SmolLM2-135M (CPU, small evaluation), uniform heads and MLP widths: a
+    complete folder that stock transformers loads in a fresh process, with surgeon_fx.load_pretrained's logits.
+    (The residual width is kept: LlamaConfig needs hidden_size % num_attention_heads == 0, see test_checkpoint.)"""
+    exe = shutil.which("surgeon-fx") or pytest.skip("the surgeon-fx console script is not installed")
+    out = tmp_path / "smollm2-30"
+    cmd = [exe, "compress", "--model", "smollm2-135m", "--out", str(out), "--ratio", "0.3", "--uniform"]
+    cmd += ["--multiple", "8", "--kinds", "heads", "mlp", "--windows", "1", "--seq-len", "64"]
+    cmd += ["--calib-windows", "2", "--calib-seq-len", "64"]  # small calibration (magnitude does not read it)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = {f.name for f in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "model.onnx",
+        "report.md",
+        "widths.png",
+        "perplexity.png",
+    } <= names
+    record = json.loads((out / "report.json").read_text())
+    assert 0.30 <= 1 - record["compressed"]["parameters"] / record["dense"]["parameters"] < 0.31
+    assert record["compressed"]["file_bytes"] < 0.75 * record["dense"]["file_bytes"]
+    assert json.loads((out / "config.json").read_text())["surgeon_fx"]["layout"] == "stock"
+    fresh = subprocess.run(
+        [sys.executable, "-c", STOCK_LOAD, str(out), str(tmp_path / "stock.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    model = load_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == record["compressed"]["parameters"]
+    with torch.no_grad():
+        ours = model(input_ids=torch.arange(100, 116)[None], use_cache=False).logits
+    assert torch.equal(ours, torch.load(tmp_path / "stock.pt"))
