@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 
@@ -126,7 +127,13 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
 def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    if "surgeon_fx" in config:  # written by surgeon_fx.save_pretrained, possibly with uneven layers
+        from .checkpoint import load_pretrained
+
+        model = load_pretrained(folder, dtype=dtype, device=device).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError, KeyError):
