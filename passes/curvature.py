@@ -80,7 +80,7 @@ class Curvature:
         return self.a[layer.a_key]
 
 
-def find_layers(gm: fx.GraphModule, *, max_dense: int = 8192) -> dict[str, tuple[Layer, fx.Node]]:
+def find_layers(gm: fx.GraphModule) -> dict[str, tuple[Layer, fx.Node]]:
     """The weight-carrying ops whose weight some group touches, with their input node."""
     analysis = get_groups(gm)
     params = dict(gm.named_parameters(remove_duplicate=False))
@@ -206,7 +206,7 @@ def annotate_curvature(
         )
     if windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"need at least one calibration window of >= 2 tokens, got shape {tuple(windows.shape)}")
-    found = find_layers(gm, max_dense=max_dense)
+    found = find_layers(gm)
     curv = Curvature({k: lay for k, (lay, _) in found.items()}, fisher=fisher)
     sweep = _Sweep(curv, max_dense)
     inst = _instrument(gm, found, sweep)
@@ -241,9 +241,8 @@ def annotate_curvature(
         curv.a[k] = curv.a[k] / curv.tokens
     for lay in curv.layers.values():
         if lay.g is None:  # no gradient reached it: a dead layer costs nothing
-            lay.g = torch.zeros(lay.rows if lay.rows > max_dense else (lay.rows, lay.rows), device=device)
-            if lay.rows <= max_dense:
-                lay.g = lay.g.reshape(lay.rows, lay.rows)
+            shape = (lay.rows,) if lay.rows > max_dense else (lay.rows, lay.rows)
+            lay.g = torch.zeros(shape, device=device)
         else:
             lay.g = lay.g / curv.tokens
     gm.meta[CURVATURE] = curv

@@ -9,6 +9,7 @@ plan -> OBS update -> rewrite, and the composed plan maps the final model to the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .ir import Plan
-from .keys import SCORES
+from .keys import PLAN, SCORES, SOURCE
 from .tracing import trace
 
 __all__ = ["run_shots", "compose_plans", "share_parameters_"]
@@ -74,7 +75,6 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
     from .passes.curvature import annotate_curvature
-    from .passes.groups import SOURCE
     from .passes.obs import annotate_costs, apply_obs_updates_
 
     gm = trace(work)
@@ -116,7 +116,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             )
         else:
             annotate_plan(gm, ratio_t, basis=cfg.basis, kinds=cfg.kinds, min_atoms=cfg.min_atoms)
-            plan = gm.meta["surgeon_fx.plan"]
+            plan = gm.meta[PLAN]
         if cfg.method == "surgeon" and cfg.update != "none":
             apply_obs_updates_(
                 gm,
@@ -130,18 +130,12 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             apply_plan_to_module_(work, plan, old=gm, new=new)
             share_parameters_(new, work, prefix)
         composed = plan if composed is None else compose_plans(composed, plan)
-        composed = Plan(
-            **{
-                **composed.__dict__,
-                "params_before": total0,
-                "linear_before": linear0,
-                "target": cfg.ratio,
-                "basis": cfg.basis,
-                "method": cfg.method,
-            }
+        composed = dataclasses.replace(
+            composed, params_before=total0, linear_before=linear0, target=cfg.ratio, basis=cfg.basis, method=cfg.method
         )
         gm = new
-        annotate_groups(gm, on_unknown=cfg.on_unknown)
+        if t < cfg.shots:  # the next shot analyses the smaller graph
+            annotate_groups(gm, on_unknown=cfg.on_unknown)
         dt = time.perf_counter() - t0
         log.info(
             "shot %d/%d: %.1f%% of %s parameters removed (%s left), %.1fs",
@@ -180,7 +174,6 @@ def _resume(work: nn.Module, ckpt: Path, cfg):
     from safetensors.torch import load_model
 
     from .passes import annotate_groups, apply_plan, apply_plan_to_module_
-    from .passes.groups import SOURCE
 
     state = json.loads((ckpt / "state.json").read_text())
     plan = Plan.from_dict(state["plan"])
