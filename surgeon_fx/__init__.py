@@ -6,6 +6,8 @@ from .checkpoint import load_pretrained, save_pretrained
 from .export import export_onnx, export_pt2
 from .ir import KINDS, Analysis, Group, Member, Plan, Scores, TraceInfo
 from .keys import GROUPS, PLAN, SCORES, SOURCE, SurgeonError, UnsupportedGraphError, require
+from .patterns import check_nm, to_semi_structured_
+from .sparse_shots import SparsityReport
 from .tracing import trace
 
 __all__ = [
@@ -33,5 +35,8 @@ __all__ = [
     "load_pretrained",
     "export_onnx",
     "export_pt2",
+    "check_nm",
+    "to_semi_structured_",
+    "SparsityReport",
 ]
 __version__ = "0.1.0"

@@ -16,12 +16,15 @@ from .ir import KINDS, Plan
 from .keys import SurgeonError
 from .tracing import trace
 
-__all__ = ["CompressConfig", "compress", "prune", "check_model", "check_calibration", "METHODS"]
+__all__ = ["CompressConfig", "compress", "prune", "check_model", "check_calibration", "METHODS", "SPARSE_METHODS"]
 
 METHODS = ("magnitude", "surgeon", "kobd", "lobd")
 """Atom scoring methods: weight magnitude (no data), the LLM Surgeon's K-FAC costs with OBS updates,
 and the diagonal baselines K-OBD (1/2 W^2 G_rr A_cc) and L-OBD (1/2 W^2 A_cc), both without updates."""
 CURVATURE_METHODS = ("surgeon", "kobd", "lobd")
+SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
+"""Methods for ``sparsity=``: the Surgeon's element costs with correlated OBS updates, per-layer
+magnitude, Wanda (|W| * input norm per output row) and SparseGPT (layer-wise OBS, column by column)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,14 @@ class CompressConfig:
             ``"columns"`` (default: consumers compensate a removed input from correlated inputs),
             ``"rows"``, ``"both"`` or ``"none"``; costs of uncompensated sides assume fixed weights.
         checkpoint_dir: save the model and composed plan after every shot there, and resume from it.
+        sparsity: ``None`` (structured only), ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most
+            N nonzeros in every M consecutive inputs) for the decoder linear weights, applied after
+            the structured shots (``ratio`` may be 0); methods :data:`SPARSE_METHODS`. ``shots``
+            sparsity shots follow a linear schedule; zeroed weights stay zero.
+        sparsity_ratio: unstructured: fraction of decoder linear weights to zero (default 0.5);
+            N:M: 1 - N/M (the default; another value is an error).
+        chunk_size: ``"surgeon"`` sparsity solves the correlated update for at most this many
+            weights at once (chunks of rows; memory ``8 * chunk_size^2`` bytes, time ``~chunk_size^2``).
     """
 
     ratio: float
@@ -69,13 +80,47 @@ class CompressConfig:
     batch_size: int = 1
     update: str = "columns"
     checkpoint_dir: str | None = None
+    sparsity: str | None = None
+    sparsity_ratio: float | None = None
+    chunk_size: int = 1024
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
 
+        from .patterns import parse_sparsity
+
         _check_ratio(self.ratio)
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        pattern = parse_sparsity(self.sparsity)
+        if self.method not in METHODS + SPARSE_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS + SPARSE_METHODS[2:]}")
+        if pattern is None:
+            if self.method not in METHODS:
+                raise ValueError(
+                    f"method {self.method!r} is a sparsity method: pass sparsity='unstructured' or '2:4' "
+                    f"(structured pruning supports {METHODS})"
+                )
+            if self.sparsity_ratio is not None:
+                raise ValueError("sparsity_ratio needs sparsity='unstructured' or 'N:M'")
+        else:
+            if self.method not in SPARSE_METHODS:
+                raise ValueError(f"sparsity={self.sparsity!r} supports methods {SPARSE_METHODS}, got {self.method!r}")
+            if self.ratio > 0 and self.method not in METHODS:
+                raise ValueError(
+                    f"ratio={self.ratio} removes structures first, which method {self.method!r} cannot score; "
+                    "use ratio=0 (sparsity only) or method 'surgeon' / 'magnitude'"
+                )
+            nm_ratio = None if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
+            if self.sparsity_ratio is None:
+                object.__setattr__(self, "sparsity_ratio", 0.5 if nm_ratio is None else nm_ratio)
+            if not isinstance(self.sparsity_ratio, (int, float)) or not 0 <= self.sparsity_ratio < 1:
+                raise ValueError(f"sparsity_ratio must be in [0, 1), got {self.sparsity_ratio!r}")
+            if nm_ratio is not None and abs(self.sparsity_ratio - nm_ratio) > 1e-9:
+                raise ValueError(
+                    f"sparsity={self.sparsity!r} zeroes exactly {nm_ratio:.3g} of the weights; "
+                    f"got sparsity_ratio={self.sparsity_ratio} (leave it unset)"
+                )
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
         if self.basis not in ("model", "linear"):
             raise ValueError(f"basis must be 'model' or 'linear', got {self.basis!r}")
         kinds = tuple(self.kinds) if not isinstance(self.kinds, str) else (self.kinds,)
@@ -92,7 +137,7 @@ class CompressConfig:
         if not isinstance(self.multiple, int) or self.multiple < 1:
             raise ValueError(f"multiple must be an int >= 1, got {self.multiple!r}")
         if self.shots is None:
-            object.__setattr__(self, "shots", 1 if self.method == "magnitude" else 8)
+            object.__setattr__(self, "shots", 1 if self.method in ("magnitude", "wanda", "sparsegpt") else 8)
         if not isinstance(self.shots, int) or self.shots < 1:
             raise ValueError(f"shots must be an int >= 1, got {self.shots!r}")
         if self.fisher not in ("empirical", "true"):
@@ -184,16 +229,18 @@ def compress(
         calibration: (N, L) int64 token windows (``surgeon_fx.data.calibration_windows``); required by
             the curvature methods.
         method: ``"surgeon"`` (default when calibration is given), ``"magnitude"`` (default
-            otherwise), ``"kobd"`` or ``"lobd"``.
+            otherwise), ``"kobd"`` or ``"lobd"``; with ``sparsity`` also ``"wanda"`` or ``"sparsegpt"``.
         config: a full :class:`CompressConfig`; ``ratio``/``method``/``options`` override its fields.
         progress: show progress bars (shots, curvature sweeps).
-        on_shot: optional ``on_shot(shot, model, plan)`` called after every shot.
+        on_shot: optional ``on_shot(shot, model, plan)`` called after every shot (after a sparsity
+            shot: ``on_shot(shot, model, report)`` with a :class:`~surgeon_fx.sparse_shots.SparsityReport`).
         **options: other :class:`CompressConfig` fields (``basis``, ``kinds``, ``shots``, ``fisher``, ...).
 
     Returns:
         A new model of the same class, smaller, whose ``forward`` and ``generate()`` work (or the
         rewritten ``GraphModule`` with ``output="graph"``). The composed plan is at
-        ``result.surgeon_fx_plan`` (a :class:`~surgeon_fx.ir.Plan`).
+        ``result.surgeon_fx_plan`` (a :class:`~surgeon_fx.ir.Plan`); with ``sparsity``, what it
+        reached is at ``result.surgeon_fx_sparsity`` (a :class:`~surgeon_fx.sparse_shots.SparsityReport`).
 
     Raises:
         ValueError / TypeError: bad ratio, options, calibration data or model (NaN or integer weights, ...).
@@ -211,7 +258,7 @@ def compress(
         fields["method"] = "surgeon"
     cfg = CompressConfig(**fields)
     check_model(model)
-    if cfg.method in CURVATURE_METHODS:
+    if cfg.method in CURVATURE_METHODS + SPARSE_METHODS[2:]:
         if calibration is None:
             raise ValueError(
                 f"method {cfg.method!r} needs calibration windows: pass calibration=surgeon_fx.data."
@@ -220,6 +267,8 @@ def compress(
         calibration = check_calibration(calibration, vocab_size_of(model))
     torch.manual_seed(cfg.seed)
     work = copy.deepcopy(model).eval()
+    if cfg.sparsity is not None:
+        return _compress_sparse(work, calibration, cfg, progress, on_shot)
     try:
         plan = run_shots(work, calibration, cfg, progress=progress, on_shot=on_shot)
     except SurgeonError as e:
@@ -229,6 +278,32 @@ def compress(
     result = work._surgeon_fx_graph if cfg.output == "graph" else work
     del work._surgeon_fx_graph
     result.surgeon_fx_plan = plan
+    return result
+
+
+def _compress_sparse(work: nn.Module, calibration, cfg: CompressConfig, progress: bool, on_shot) -> nn.Module:
+    """Structured shots (when ``ratio > 0``, on the module), then sparsity shots on the result."""
+    import dataclasses
+
+    from .passes import get_groups
+    from .shots import _counts, run_shots
+    from .sparse_shots import run_sparsity_shots
+
+    plan = None
+    if cfg.ratio > 0:
+        plan = run_shots(
+            work, calibration, dataclasses.replace(cfg, output="module"), progress=progress, on_shot=on_shot
+        )
+        del work._surgeon_fx_graph
+    timings = work.__dict__.pop("_surgeon_fx_timings", [])
+    report, gm = run_sparsity_shots(work, calibration, cfg, progress=progress, on_shot=on_shot)
+    if plan is None:  # nothing removed: the identity plan (sparsity changes no parameter count)
+        total, linear = _counts(get_groups(gm))
+        plan = Plan({}, {}, total, total, linear, linear, 0.0, cfg.basis, cfg.method)
+    result = gm if cfg.output == "graph" else work
+    result.surgeon_fx_timings = timings
+    result.surgeon_fx_plan = plan
+    result.surgeon_fx_sparsity = report
     return result
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import fx
 
-__all__ = ["SOURCE", "GROUPS", "CURVATURE", "SCORES", "PLAN", "require", "SurgeonError", "UnsupportedGraphError"]
+__all__ = ["SOURCE", "GROUPS", "CURVATURE", "SCORES", "PLAN", "MASKS", "require", "SurgeonError", "UnsupportedGraphError"]
 
 SOURCE = "surgeon_fx.source"
 """How the graph was traced (:class:`surgeon_fx.ir.TraceInfo`); written by :func:`surgeon_fx.trace`."""
@@ -23,6 +23,9 @@ SCORES = "surgeon_fx.scores"
 """Per-atom removal scores (:class:`surgeon_fx.ir.Scores`); written by ``annotate_scores``."""
 PLAN = "surgeon_fx.plan"
 """What to remove (:class:`surgeon_fx.ir.Plan`); written by ``annotate_plan``."""
+MASKS = "surgeon_fx.masks"
+"""Which weights are zero by sparsity (:class:`surgeon_fx.passes.sparsity.Masks`); written by
+``annotate_masks`` and by ``apply_sparsegpt_``."""
 
 
 class SurgeonError(RuntimeError):

@@ -1,0 +1,287 @@
+"""Unstructured 50% and 2:4 sparsity on SmolLM2-135M: quality of every method, and 2:4 speed on the GPU.
+
+Quality: each method (surgeon, magnitude, wanda, sparsegpt) sparsifies the decoder linear weights
+(``sf.compress(model, 0.0, sparsity=..., method=...)``) and WikiText-2 is scored by the papers'
+protocol (non-overlapping windows of L tokens). Speed: forward latency of the dense fp16 model vs the
+same model with 2:4 weights in PyTorch's semi-structured sparse format (``sf.to_semi_structured_``,
+CUDA sm80+), for the decoder linear layers alone and for the whole model (``torch.utils.benchmark``).
+
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.log`` with the command, versions and machine.
+GPU run (token windows prepared with ``benchmarks/bench_quality.py --save-tokens``)::
+
+    python benchmarks/bench_sparse.py --model SmolLM2.gguf --calib-pt calib.pt --eval-pt eval.pt \\
+        --device cuda --out benchmarks/results/sparse_smollm2_h200
+
+``--smoke`` runs everything at tiny scale on a random model (CPU is fine; speed then times dense only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import surgeon_fx as sf
+from surgeon_fx.evaluate import perplexity
+
+LOG: list[str] = []
+
+
+def say(*parts) -> None:
+    line = " ".join(str(p) for p in parts)
+    LOG.append(line)
+    print(line, flush=True)
+
+
+def smoke_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def load(args):
+    if args.smoke:
+        gen = torch.Generator().manual_seed(0)
+        return (
+            smoke_model(),
+            torch.randint(0, 256, (4, 64), generator=gen),
+            torch.randint(0, 256, (2, 64), generator=gen),
+        )
+    from surgeon_fx.data import calibration_windows, eval_windows, wikitext2_text
+    from surgeon_fx.models import load_model
+
+    model, tok = load_model(args.model)
+    if args.calib_pt and Path(args.calib_pt).exists():
+        calib = torch.load(args.calib_pt)
+    else:
+        calib = calibration_windows("wiki", tok, n=args.calib_n, seq_len=args.calib_len, seed=0)
+    if args.eval_pt and Path(args.eval_pt).exists():
+        ev = torch.load(args.eval_pt)
+    else:
+        ev = eval_windows(tok, wikitext2_text(args.wikitext), seq_len=args.eval_len)
+    ev = ev[: args.eval_windows] if args.eval_windows else ev
+    return model, calib[: args.calib_n, : args.calib_len], ev
+
+
+def quality(model, calib, ev, args) -> dict:
+    out = {}
+    for pattern in args.patterns.split(","):
+        for method in args.methods.split(","):
+            t0 = time.perf_counter()
+            shots = args.shots if method == "surgeon" else 1
+            sparse = sf.compress(
+                model,
+                0.0,
+                calibration=calib,
+                sparsity=pattern,
+                method=method,
+                shots=shots,
+                damping=args.damping,
+                chunk_size=args.chunk_size,
+                progress=False,
+            )
+            seconds = time.perf_counter() - t0
+            rep = sparse.surgeon_fx_sparsity
+            nm = sf.patterns.parse_sparsity(pattern)
+            bad = sum(sf.check_nm(sparse, *nm, params=rep.params).values()) if isinstance(nm, tuple) else None
+            ppl = perplexity(sparse, ev, progress=False)
+            out.setdefault(pattern, {})[method] = {
+                "ppl": ppl,
+                "reached": rep.reached,
+                "nm_violations": bad,
+                "shots": shots,
+                "seconds": seconds,
+            }
+            say(
+                f"{pattern} {method}: ppl {ppl:.3f}, zero {100 * rep.reached:.2f}%, {seconds:.0f}s, nm violations {bad}"
+            )
+            del sparse
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return out
+
+
+def _timer(fn, label: str, min_run: float) -> float:
+    from torch.utils import benchmark
+
+    with torch.no_grad():
+        fn()  # warm-up (kernel selection)
+        m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label).blocked_autorange(min_run_time=min_run)
+    return m.median * 1e3
+
+
+def speed(model, args) -> dict:
+    """ms per forward: dense fp16 vs semi-structured 2:4, decoder linears alone and the whole model."""
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    sparse = sf.compress(model, 0.0, sparsity="2:4", method="magnitude", progress=False)  # pattern only matters
+    params = list(sparse.surgeon_fx_sparsity.params)
+    dense = copy.deepcopy(model).to(device, dtype).eval()
+    sparse = sparse.to(device, dtype).eval()
+    result = {"dtype": str(dtype), "device": str(device), "rows": {}}
+    semi = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    converted = []
+    if semi:
+        try:
+            converted = sf.to_semi_structured_(sparse, params)
+        except Exception as e:  # record why, keep the dense numbers
+            result["semi_structured_error"] = f"{type(e).__name__}: {e}"
+            semi = False
+    else:
+        result["semi_structured_error"] = "needs a CUDA GPU of sm80+ (dense timings only)"
+    result["converted"] = len(converted)
+    result["linear_layers"] = len(params)
+    shapes: dict[tuple[int, int], int] = {}
+    for p in params:
+        shapes[tuple(dense.get_parameter(p).shape)] = shapes.get(tuple(dense.get_parameter(p).shape), 0) + 1
+    for batch, seq in [tuple(int(v) for v in s.split("x")) for s in args.speed_shapes.split(",")]:
+        tokens = batch * seq
+        lin_dense = lin_sparse = 0.0
+        for (r, c), count in shapes.items():
+            x = torch.randn(tokens, c, device=device, dtype=dtype)
+            w = torch.randn(r, c, device=device, dtype=dtype)
+            lin_dense += count * _timer(lambda x=x, w=w: torch.nn.functional.linear(x, w), "dense", args.min_run)
+            if semi:
+                mask = torch.tensor([1, 1, 0, 0], device=device, dtype=dtype).repeat(r, c // 4)
+                ws = torch.sparse.to_sparse_semi_structured(w * mask)
+                lin_sparse += count * _timer(lambda x=x, ws=ws: torch.nn.functional.linear(x, ws), "2:4", args.min_run)
+        ids = torch.randint(0, 100, (batch, seq), device=device)
+        m_dense = _timer(lambda ids=ids: dense(input_ids=ids, use_cache=False), "model dense", args.min_run)
+        m_sparse = (
+            _timer(lambda ids=ids: sparse(input_ids=ids, use_cache=False), "model 2:4", args.min_run) if semi else None
+        )
+        row = {
+            "linear_dense_ms": lin_dense,
+            "linear_2to4_ms": lin_sparse if semi else None,
+            "model_dense_ms": m_dense,
+            "model_2to4_ms": m_sparse,
+        }
+        result["rows"][f"{batch}x{seq}"] = row
+        say(f"speed {batch}x{seq}: {row}")
+    return result
+
+
+def markdown(r: dict) -> str:
+    dense = r["dense_ppl"]
+    methods = [m for p in r["quality"].values() for m in p]
+    methods = list(dict.fromkeys(methods))
+    lines = [
+        f"Dense WikiText-2 PPL {dense:.2f}; cells: PPL (ratio to dense). Sparsity over the decoder linear weights.",
+        "",
+        "| method | " + " | ".join(r["quality"]) + " |",
+        "|" + "---|" * (len(r["quality"]) + 1),
+    ]
+    for m in methods:
+        cells = []
+        for pattern in r["quality"]:
+            q = r["quality"][pattern].get(m)
+            cells.append(f"{q['ppl']:.2f} (x{q['ppl'] / dense:.2f})" if q else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Seconds per run: "
+        + ", ".join(
+            f"{p}/{m} {q['seconds']:.0f}s ({q['shots']} shot(s))" for p, d in r["quality"].items() for m, q in d.items()
+        ),
+    ]
+    s = r.get("speed")
+    if s:
+        lines += [
+            "",
+            f"Forward latency, {s['dtype']} on {s['device']}, ms (median, torch.utils.benchmark); "
+            f"{s['converted']}/{s['linear_layers']} decoder linears in semi-structured 2:4 format.",
+            "",
+            "| batch x seq | linears dense | linears 2:4 | speedup | model dense | model 2:4 | speedup |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for shape, row in s["rows"].items():
+            ls, ms = row["linear_2to4_ms"], row["model_2to4_ms"]
+            lin = f"{ls:.3f} | x{row['linear_dense_ms'] / ls:.2f}" if ls else "- | -"
+            mod = f"{ms:.3f} | x{row['model_dense_ms'] / ms:.2f}" if ms else "- | -"
+            lines.append(f"| {shape} | {row['linear_dense_ms']:.3f} | {lin} | {row['model_dense_ms']:.3f} | {mod} |")
+        if "semi_structured_error" in s:
+            lines.append(f"Semi-structured: {s['semi_structured_error']}")
+    lines += ["", f"Command: `{r['command']}`", f"Calibration {r['calibration']}, eval {r['eval']}"]
+    lines.append(f"Versions: {r['versions']}; machine: {r['machine']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods", default="surgeon,magnitude,wanda,sparsegpt")
+    ap.add_argument("--patterns", default="unstructured,2:4")
+    ap.add_argument("--shots", type=int, default=5, help="surgeon shots (the baselines run one shot)")
+    ap.add_argument("--damping", type=float, default=0.01)
+    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--calib-pt"), ap.add_argument("--eval-pt")
+    ap.add_argument("--calib-n", type=int, default=128), ap.add_argument("--calib-len", type=int, default=2048)
+    ap.add_argument("--eval-len", type=int, default=2048), ap.add_argument("--eval-windows", type=int, default=0)
+    ap.add_argument("--wikitext", default=os.environ.get("SURGEON_FX_WIKITEXT"))
+    ap.add_argument("--speed-shapes", default="1x2048,8x512,16x128", help="batch x sequence of the speed table")
+    ap.add_argument("--min-run", type=float, default=1.0, help="seconds of timing per measurement")
+    ap.add_argument("--no-quality", action="store_true"), ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny random model and windows (CPU is fine)")
+    ap.add_argument("--out", default="benchmarks/results/sparse_smollm2")
+    args = ap.parse_args()
+    if args.smoke:
+        args.speed_shapes, args.min_run, args.shots = "1x64", 0.05, 2
+
+    device = torch.device(args.device)
+    model, calib, ev = load(args)
+    model = model.to(device).eval()
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "device": str(device),
+        "calibration": list(calib.shape),
+        "eval": list(ev.shape),
+        "damping": args.damping,
+        "chunk_size": args.chunk_size,
+    }
+    result["dense_ppl"] = perplexity(model, ev, progress=False)
+    say(f"dense: ppl {result['dense_ppl']:.3f}")
+    result["quality"] = {} if args.no_quality else quality(model, calib, ev, args)
+    if not args.no_speed:
+        result["speed"] = speed(model, args)
+    result["versions"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "surgeon_fx": sf.__version__,
+    }
+    result["machine"] = {
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(result)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    out.with_suffix(".log").write_text("\n".join([result["command"], *LOG, text]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Sparsity passes: choose which weights of the decoder linear layers become zero, then zero them.
+
+Reads: ``gm.meta[GROUPS]`` (which parameters are decoder linear weights) and, for every method but
+magnitude, ``gm.meta[CURVATURE]`` (K-FAC factors). ``annotate_masks`` writes ``gm.meta[MASKS]``
+and leaves parameters and ``gm.code`` unchanged; ``apply_masks_`` and ``apply_sparsegpt_`` change
+parameter values in place, never shapes. Invariant: only weights in ``Analysis.linear_params`` are
+sparsified (never embeddings, the LM head or biases); entries of an earlier mask stay removed; an
+N:M group is ``m`` consecutive indices of the weight's own input axis.
+
+Methods: ``"surgeon"`` (element costs ``1/2 W_rc^2 / ([G^-1]_rr [A^-1]_cc)``, one global threshold
+over all layers, correlated OBS update under ``F = G (x) A`` in row chunks), ``"magnitude"`` (per
+layer), ``"wanda"`` (``|W| * ||x||`` per output row), ``"sparsegpt"`` (per layer, OBS with ``H ~ A``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from surgeon_fx import kfac
+from surgeon_fx.keys import MASKS, require
+from surgeon_fx.patterns import nm_eligible, nm_quota, select_smallest
+from surgeon_fx.sparse_baselines import magnitude_mask, nm_mask, row_mask, sparsegpt_prune, wanda_scores
+
+from .curvature import Curvature, Layer, find_layers, get_curvature
+from .groups import get_groups
+from .obs import _Inverses, _write_back_, layer_matrix
+
+__all__ = [
+    "Masks",
+    "SPARSE_METHODS",
+    "sparse_layers",
+    "annotate_masks",
+    "apply_masks_",
+    "apply_sparsegpt_",
+    "get_masks",
+]
+
+SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
+
+
+@dataclass(frozen=True, eq=False)
+class Masks:
+    """Removed entries per weight FQN (bool tensors in the weight's own layout, True = zero)."""
+
+    masks: dict[str, torch.Tensor]
+    method: str
+    pattern: str | tuple[int, int]
+    target: float
+
+    @property
+    def removed(self) -> int:
+        return sum(int(m.sum()) for m in self.masks.values())
+
+    @property
+    def total(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+
+def get_masks(gm: fx.GraphModule) -> Masks:
+    return require(gm, MASKS, producer="annotate_masks")
+
+
+def sparse_layers(gm: fx.GraphModule, curv: Curvature | None = None) -> list[Layer]:
+    """The layers to sparsify: ``linear``/``addmm``/``mm`` ops whose weight is a decoder linear weight used once.
+
+    With ``curv``, its :class:`Layer` objects (which carry the factors) are returned.
+    """
+    analysis = get_groups(gm)
+    found = list(curv.layers.values()) if curv is not None else [lay for lay, _ in find_layers(gm).values()]
+    uses: dict[str, int] = {}
+    for lay in found:
+        uses[lay.weight] = uses.get(lay.weight, 0) + 1
+    return [
+        lay
+        for lay in found
+        if lay.layout != "embedding" and lay.weight in analysis.linear_params and uses[lay.weight] == 1
+    ]
+
+
+def _to_matrix(t: torch.Tensor, lay: Layer) -> torch.Tensor:
+    return t if lay.layout == "out_in" else t.T
+
+
+def _weight_matrix(gm, lay: Layer) -> torch.Tensor:
+    """The (R, C) weight without the bias column."""
+    w = gm.get_parameter(get_groups(gm).param_targets[lay.weight]).detach()
+    return _to_matrix(w, lay)
+
+
+def _priors(layers, prior: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor | None]:
+    out = {}
+    for lay in layers:
+        p = (prior or {}).get(lay.weight)
+        out[lay.node] = None if p is None else _to_matrix(p, lay).to(torch.bool)
+    return out
+
+
+def _check(method: str, pattern, ratio: float, fraction: float) -> None:
+    if method not in SPARSE_METHODS:
+        raise ValueError(f"unknown sparsity method {method!r}; choose one of {SPARSE_METHODS}")
+    if pattern != "unstructured" and not (isinstance(pattern, tuple) and len(pattern) == 2):
+        raise ValueError(f"pattern must be 'unstructured' or (n, m), got {pattern!r}")
+    if pattern == "unstructured" and not 0.0 <= ratio < 1.0:
+        raise ValueError(f"unstructured sparsity ratio must be in [0, 1), got {ratio!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction (the share of the schedule reached by this shot) must be in (0, 1], got {fraction}")
+
+
+def annotate_masks(
+    gm: fx.GraphModule,
+    pattern: str | tuple[int, int] = "unstructured",
+    *,
+    ratio: float = 0.5,
+    fraction: float = 1.0,
+    method: str = "surgeon",
+    prior: dict[str, torch.Tensor] | None = None,
+    damping: float = 0.01,
+    update: bool = True,
+) -> None:
+    """Choose the weights to zero and store them in ``gm.meta[MASKS]`` (a :class:`Masks`).
+
+    Args:
+        gm: a graph with groups (and curvature for every method but magnitude).
+        pattern: ``"unstructured"`` or ``(n, m)`` (keep at most n of every m consecutive inputs).
+        ratio: unstructured: fraction of the decoder linear weights to zero (ignored for N:M).
+        fraction: share of the linear schedule this shot reaches (shot t of T: ``t / T``); N:M
+            groups reach their full quota at 1.0 (surgeon: a global count; other methods: per group).
+        method: one of :data:`SPARSE_METHODS` except ``"sparsegpt"`` (see :func:`apply_sparsegpt_`).
+        prior: masks of earlier shots by weight FQN; they stay removed.
+        damping: relative damping of both K-FAC factors (surgeon).
+        update: surgeon: costs assume the correlated OBS update (else the other weights stay fixed:
+            ``1/2 W_rc^2 G_rr A_cc``).
+
+    Raises:
+        ValueError: bad options; ``method="sparsegpt"`` (its masks come with its update).
+        KeyError: groups or curvature missing.
+    """
+    _check(method, pattern, ratio, fraction)
+    if method == "sparsegpt":
+        raise ValueError("SparseGPT chooses its mask while updating the weights: use apply_sparsegpt_")
+    curv = get_curvature(gm) if method != "magnitude" else None
+    layers = sparse_layers(gm, curv)
+    priors = _priors(layers, prior)
+    inv = _Inverses(curv, damping) if method == "surgeon" else None
+    masks: dict[str, torch.Tensor] = {}
+    nm = pattern if isinstance(pattern, tuple) else None
+    if method == "surgeon":
+        costs, quota = [], 0
+        for lay in layers:
+            w = _weight_matrix(gm, lay)
+            r, c = w.shape
+            if update:
+                cost = kfac.element_costs(w, inv.g_inv(lay), _diag(inv.a_inv(lay))[:c])
+            else:
+                cost = (
+                    0.5
+                    * w.double() ** 2
+                    * _diag(lay.g).double()[:, None]
+                    * _diag(curv.factor_a(lay)).double()[None, :c]
+                )
+            pri = priors[lay.node]
+            if nm is not None:
+                cost = nm_eligible(cost, *nm, pri)
+                quota += r * nm_quota(c, *nm)
+            elif pri is not None:
+                cost = torch.where(pri, -torch.inf, cost.double())
+            costs.append(cost.float().reshape(-1))
+        flat = torch.cat(costs) if costs else torch.zeros(0)
+        forced = int((flat == -torch.inf).sum())
+        k = round((quota if nm is not None else ratio * flat.numel()) * fraction)
+        k = min(max(k, forced), int((flat < torch.inf).sum()))
+        chosen = select_smallest(flat, k)
+        start = 0
+        for lay in layers:
+            r, c = _weight_matrix(gm, lay).shape
+            masks[lay.weight] = _to_matrix(chosen[start : start + r * c].view(r, c), lay).clone()
+            start += r * c
+    else:
+        for lay in layers:
+            w = _weight_matrix(gm, lay)
+            pri = priors[lay.node]
+            score = w.abs() if method == "magnitude" else wanda_scores(w, curv.factor_a(lay))
+            if nm is not None:
+                n_t = nm[1] - round((nm[1] - nm[0]) * fraction)
+                mask = nm_mask(score, n_t, nm[1], pri)
+            elif method == "magnitude":
+                mask = magnitude_mask(w, ratio * fraction, pri)
+            else:
+                mask = row_mask(score, ratio * fraction, pri)
+            masks[lay.weight] = _to_matrix(mask, lay).clone()
+    gm.meta[MASKS] = Masks(masks, method, pattern, ratio if nm is None else 1 - nm[0] / nm[1])
+
+
+def _diag(f: torch.Tensor) -> torch.Tensor:
+    return f if f.dim() == 1 else torch.diagonal(f)
+
+
+@torch.no_grad()
+def apply_masks_(
+    gm: fx.GraphModule,
+    masks: Masks | None = None,
+    *,
+    update: bool = True,
+    damping: float = 0.01,
+    chunk_size: int = 1024,
+) -> int:
+    """Zero every masked weight in place; with ``update``, first apply the correlated OBS update.
+
+    The update (:func:`surgeon_fx.kfac.element_update_chunked`) removes a layer's masked elements
+    in chunks of rows of at most ``chunk_size`` elements, biases included in the compensation; the
+    masked entries end exactly zero.
+
+    Args:
+        gm: the graph whose parameters change (shared with the eager model when traced by ``compress``).
+        masks: default ``gm.meta[MASKS]``.
+        update: apply the OBS update (needs ``gm.meta[CURVATURE]``); otherwise only zero.
+        damping: relative damping of both K-FAC factors.
+        chunk_size: masked elements solved jointly.
+
+    Returns:
+        The number of layers changed.
+    """
+    masks = masks or get_masks(gm)
+    analysis = get_groups(gm)
+    curv = get_curvature(gm) if update else None
+    inv = _Inverses(curv, damping) if update else None
+    n = 0
+    for lay in sparse_layers(gm, curv):
+        mask = masks.masks.get(lay.weight)
+        if mask is None or not mask.any():
+            continue
+        if update:
+            m = layer_matrix(gm, curv, lay).double()
+            mm = _to_matrix(mask, lay)
+            if lay.bias is not None:
+                mm = torch.cat([mm, torch.zeros_like(mm[:, :1])], 1)
+            new = kfac.element_update_chunked(m, inv.g_inv(lay), inv.a_inv(lay), mm, chunk_size=chunk_size)
+            _write_back_(gm, analysis, lay, new)
+        else:
+            w = gm.get_parameter(analysis.param_targets[lay.weight])
+            w.masked_fill_(mask.to(w.device), 0.0)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def apply_sparsegpt_(
+    gm: fx.GraphModule,
+    pattern: str | tuple[int, int] = "unstructured",
+    *,
+    ratio: float = 0.5,
+    fraction: float = 1.0,
+    prior: dict[str, torch.Tensor] | None = None,
+    damp: float = 0.01,
+    block: int = 128,
+) -> None:
+    """SparseGPT on every decoder linear layer, in place; the masks go to ``gm.meta[MASKS]``.
+
+    The Hessian of each layer is its K-FAC input factor ``A = E[x x^T]`` (``X^T X`` up to scale,
+    bias column dropped) from ``annotate_curvature``, measured on the model as it is when the pass
+    runs: unlike the paper, layers are not re-measured one after another on the outputs of
+    already-pruned earlier layers (several shots re-measure the whole model instead).
+
+    Args:
+        pattern, ratio, fraction, prior: as in :func:`annotate_masks`.
+        damp: SparseGPT's relative damping (1%). block: lazy-update block width (128).
+    """
+    _check("sparsegpt", pattern, ratio, fraction)
+    analysis = get_groups(gm)
+    curv = get_curvature(gm)
+    layers = sparse_layers(gm, curv)
+    priors = _priors(layers, prior)
+    masks = {}
+    for lay in layers:
+        w = _weight_matrix(gm, lay)
+        c = w.shape[1]
+        a = curv.factor_a(lay)
+        h = a[:c] if a.dim() == 1 else a[:c, :c]
+        if isinstance(pattern, tuple):
+            nm = (pattern[1] - round((pattern[1] - pattern[0]) * fraction), pattern[1])
+            new, mask = sparsegpt_prune(w, h, nm=nm, prior=priors[lay.node], block=block, damp=damp)
+        else:
+            new, mask = sparsegpt_prune(w, h, ratio=ratio * fraction, prior=priors[lay.node], block=block, damp=damp)
+        target = gm.get_parameter(analysis.param_targets[lay.weight])
+        target.copy_(_to_matrix(new, lay).to(target.dtype))
+        masks[lay.weight] = _to_matrix(mask, lay).clone()
+    tgt = ratio if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
+    gm.meta[MASKS] = Masks(masks, "sparsegpt", pattern, tgt)

@@ -1,0 +1,260 @@
+"""Unstructured and N:M sparsity: math against brute force, pattern validity, the compress contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from families import FAMILIES, ids, logits, tiny_model
+
+import surgeon_fx as sf
+from surgeon_fx import kfac
+from surgeon_fx.patterns import check_nm, nm_eligible, nm_quota, parse_sparsity, select_smallest
+from surgeon_fx.sparse_baselines import magnitude_mask, row_mask, sparsegpt_prune, wanda_scores
+
+CALIB = ids(4, 16, seed=1)
+FAST = dict(progress=False, chunk_size=256)
+
+
+def _spd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
+    return m @ m.T / (2 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def _problem(r=6, c=5, seed=0, p=0.5):
+    g, a = _spd(r, seed), _spd(c, seed + 10)
+    w = torch.randn(r, c, generator=torch.Generator().manual_seed(seed + 20), dtype=torch.float64)
+    mask = torch.rand(r, c, generator=torch.Generator().manual_seed(seed + 30)) < p
+    return w, g, a, mask
+
+
+def _brute(w, g, a, mask, frozen_rows=0):
+    """argmin 1/2 vec(dW)^T (G kron A) vec(dW) s.t. dW[mask] = -W[mask], dW[:frozen_rows] = 0 (KKT solve)."""
+    r, c = w.shape
+    f = torch.kron(g, a)  # row-major vec
+    fixed = mask.flatten()
+    frozen = torch.zeros(r, c, dtype=torch.bool)
+    frozen[:frozen_rows] = True
+    cons = fixed | frozen.flatten()
+    x = torch.zeros(r * c, dtype=torch.float64)
+    x[fixed] = -w.flatten()[fixed]
+    free = ~cons
+    if free.any():
+        x[free] = torch.linalg.solve(f[free][:, free], -f[free][:, cons] @ x[cons])
+    return x.view(r, c), 0.5 * x @ f @ x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_element_cost_is_exact_loss_increase_of_removing_one_weight(seed):
+    w, g, a, _ = _problem(seed=seed)
+    costs = kfac.element_costs(w, torch.linalg.inv(g), torch.linalg.inv(a))
+    for r, c in [(0, 0), (2, 3), (5, 4)]:
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        mask[r, c] = True
+        _, loss = _brute(w, g, a, mask)
+        torch.testing.assert_close(costs[r, c], loss)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_joint_element_update_is_the_constrained_minimiser(seed):
+    """lambda = S^-1 w_Q, dW = -G^-1 Lambda A^-1 equals the KKT solution; 1/2 w_Q^T lambda is its loss."""
+    w, g, a, mask = _problem(seed=seed)
+    g_inv, a_inv = torch.linalg.inv(g), torch.linalg.inv(a)
+    dw = kfac.element_update(w, g_inv, a_inv, mask)
+    ref, loss = _brute(w, g, a, mask)
+    torch.testing.assert_close(dw, ref)
+    assert (w + dw)[mask].abs().max() < 1e-12
+    torch.testing.assert_close(0.5 * torch.trace(dw.T @ g @ dw @ a), loss)
+    for k in range(3):  # any other feasible update is worse
+        noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(50 + k), dtype=torch.float64) * 0.1
+        noise[mask] = 0
+        assert 0.5 * torch.trace((dw + noise).T @ g @ (dw + noise) @ a) > loss
+
+
+@pytest.mark.parametrize("diag_g", [False, True])
+def test_chunked_update_is_joint_when_one_chunk_and_exact_sequential_otherwise(diag_g):
+    w, g, a, mask = _problem(r=7, c=6, seed=3)
+    if diag_g:
+        g = torch.diag(torch.diagonal(g))
+    g_inv, a_inv = torch.linalg.inv(g), torch.linalg.inv(a)
+    g_arg = torch.diagonal(g_inv).clone() if diag_g else g_inv
+    joint = kfac.element_update_chunked(w, g_arg, a_inv, mask, chunk_size=int(mask.sum()))
+    torch.testing.assert_close(joint, w + _brute(w, g, a, mask)[0])
+    for chunk in (1, 4, 7):
+        out = kfac.element_update_chunked(w, g_arg, a_inv, mask, chunk_size=chunk)
+        cur = w.clone()  # chunk by chunk: earlier rows frozen, later chunks see earlier updates
+        for s, e in kfac._row_chunks(mask.sum(1).tolist(), chunk):
+            part = torch.zeros_like(mask)
+            part[s:e] = mask[s:e]
+            cur = cur + _brute(cur, g, a, part, frozen_rows=s)[0]
+        torch.testing.assert_close(out, cur)
+        assert torch.all(out[mask] == 0)
+
+
+def test_chunked_update_keeps_already_zero_weights_zero():
+    w, g, a, mask = _problem(r=6, c=8, seed=4)
+    w[~mask & (torch.arange(8) % 3 == 0)] = 0.0  # zero but kept: may move
+    idx = torch.nonzero(mask)[::2]
+    w[idx[:, 0], idx[:, 1]] = 0.0  # already zero and in the mask: must stay exactly zero
+    out = kfac.element_update_chunked(w, torch.linalg.inv(g), torch.linalg.inv(a), mask, chunk_size=5)
+    assert torch.all(out[mask] == 0)
+
+
+def test_select_smallest_is_exact_with_ties():
+    costs = torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0, -math.inf, 2.0])
+    for k in range(len(costs) + 1):
+        mask = select_smallest(costs, k)
+        assert int(mask.sum()) == k
+        if 0 < k < len(costs):
+            assert mask[5] and costs[mask].max() <= costs[~mask].min()
+
+
+def test_nm_eligible_any_threshold_stays_valid_and_full_threshold_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.rand(5, 14, generator=gen, dtype=torch.float64)  # 14 = 3 full groups + a partial one
+    prior = torch.zeros(5, 14, dtype=torch.bool)
+    prior[0, 1] = prior[2, 4] = prior[2, 6] = True
+    adj = nm_eligible(cost, 2, 4, prior)
+    assert torch.all(adj[prior] == -math.inf)
+    finite = int((adj < math.inf).sum())
+    assert finite == 5 * nm_quota(14, 2, 4) == 5 * (3 * 2 + 0)
+    for k in range(3, finite + 1):
+        mask = select_smallest(adj, k)
+        assert check_nm(mask.double(), 2, 4)["weight"] == 0  # never more than 2 removed per group
+        assert torch.all(mask[prior])
+    w = torch.where(select_smallest(adj, finite), 0.0, 1.0)
+    assert check_nm(w, 2, 4)["weight"] == 0
+    assert check_nm(torch.ones(2, 8), 2, 4)["weight"] == 4
+
+
+def test_parse_sparsity_and_config_errors():
+    assert parse_sparsity("2:4") == (2, 4) and parse_sparsity("unstructured") == "unstructured"
+    for bad in ("4:2", "2-4", "half", "2:4:8"):
+        with pytest.raises(ValueError, match="sparsity must be"):
+            sf.CompressConfig(0.0, sparsity=bad)
+    with pytest.raises(ValueError, match="sparsity method"):
+        sf.CompressConfig(0.0, method="wanda")
+    with pytest.raises(ValueError, match="zeroes exactly"):
+        sf.CompressConfig(0.0, sparsity="2:4", sparsity_ratio=0.6)
+    with pytest.raises(ValueError, match="removes structures first"):
+        sf.CompressConfig(0.2, method="sparsegpt", sparsity="unstructured")
+    with pytest.raises(ValueError, match="supports methods"):
+        sf.CompressConfig(0.0, method="kobd", sparsity="2:4")
+    with pytest.raises(ValueError, match="sparsity_ratio must be"):
+        sf.CompressConfig(0.0, sparsity="unstructured", sparsity_ratio=1.0)
+    with pytest.raises(ValueError, match="needs calibration"):
+        sf.compress(tiny_model("llama"), 0.0, method="wanda", sparsity="2:4")
+
+
+def test_wanda_with_constant_activations_is_per_row_magnitude():
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    a = 3.0 * torch.eye(16) + 0.5  # constant diagonal
+    mask = row_mask(wanda_scores(w, a), 0.5)
+    ref = torch.zeros_like(mask).scatter_(1, w.abs().argsort(dim=1)[:, :8], True)
+    assert torch.equal(mask, ref)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_with_identity_hessian_is_magnitude_pruning(nm):
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    new, mask = sparsegpt_prune(w, torch.eye(64), ratio=None if nm else 0.5, nm=nm)
+    ref = magnitude_mask(w, 0.5) if nm is None else (nm_eligible(w.abs(), 2, 4) < math.inf)
+    assert torch.equal(mask, ref)
+    torch.testing.assert_close(new, torch.where(mask, 0.0, w))  # no correlations: nothing to compensate
+
+
+def test_sparsegpt_beats_magnitude_on_the_layerwise_objective():
+    """Inputs of uneven scale with a shared low-rank part, as activations are: ||X (W' - W)^T|| drops."""
+    gen = torch.Generator().manual_seed(0)
+    x = (
+        torch.randn(512, 32, generator=gen, dtype=torch.float64)
+        * torch.rand(32, generator=gen, dtype=torch.float64)
+        * 3
+    )
+    x = x + torch.randn(512, 4, generator=gen, dtype=torch.float64) @ torch.randn(
+        4, 32, generator=gen, dtype=torch.float64
+    )
+    w = torch.randn(16, 32, generator=gen, dtype=torch.float64)
+    new, mask = sparsegpt_prune(w, x.T @ x, ratio=0.5)
+    assert int(mask.sum()) == 16 * 16 and torch.all(new[mask] == 0)
+    mag = torch.where(magnitude_mask(w, 0.5), 0.0, w)
+    assert ((x @ (new - w).T) ** 2).sum() < ((x @ (mag - w).T) ** 2).sum()
+
+
+def _with_dead_columns(model):
+    """Zero some inputs of the first attention's projections (a dead norm channel) and a weight column."""
+    with torch.no_grad():
+        norm = next(m for n, m in model.named_modules() if n.endswith("input_layernorm"))
+        norm.weight[[0, 1, 2, 5]] = 0.0
+        if getattr(norm, "bias", None) is not None:
+            norm.bias[[0, 1, 2, 5]] = 0.0
+        lin = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".mlp." in n)
+        lin.weight[:, 3] = 0.0
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_2to4_is_exactly_valid_in_every_linear_layer(family):
+    model = tiny_model(family)
+    if family in ("llama", "phi"):
+        _with_dead_columns(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = sf.compress(model, 0.0, calibration=CALIB, sparsity="2:4", shots=1, **FAST)
+    rep = out.surgeon_fx_sparsity
+    assert len(rep.params) >= 8  # q/k/v/o (or fused) and MLP of both layers
+    assert not any(check_nm(out, 2, 4, params=rep.params).values())
+    for p in rep.params:  # every row loses its exact quota; nothing else in the model changes shape
+        assert rep.per_param[p] >= 0.5
+    assert rep.reached >= 0.5 and math.isfinite(logits(out, ids()).abs().max().item())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # caller's model unchanged
+
+
+@pytest.mark.parametrize("method", ["surgeon", "magnitude", "wanda", "sparsegpt"])
+def test_unstructured_reaches_the_exact_sparsity(method):
+    model = tiny_model("opt")
+    out = sf.compress(
+        model, 0.0, calibration=CALIB, sparsity="unstructured", sparsity_ratio=0.6, method=method, shots=2, **FAST
+    )
+    rep = out.surgeon_fx_sparsity
+    widest = max(max(out.get_parameter(p).shape) for p in rep.params)
+    assert abs(rep.removed - 0.6 * rep.total) <= widest  # within one row's worth
+    assert rep.summary().startswith(f"sparsity ({method}, unstructured)")
+    assert out.surgeon_fx_plan.params_after == out.surgeon_fx_plan.params_before
+
+
+@pytest.mark.parametrize("sparsity", ["unstructured", "2:4"])
+def test_multi_shot_masks_persist_and_same_seed_same_result(sparsity):
+    """Linear schedule; a weight zeroed in one shot stays zero; intermediate 2:4 shots are partial."""
+    model = tiny_model("qwen2")
+    seen = []
+
+    def on_shot(t, m, report):
+        seen.append((report.reached, {p: m.get_parameter(p) == 0 for p in report.params}))
+
+    a = sf.compress(model, 0.0, calibration=CALIB, sparsity=sparsity, shots=2, on_shot=on_shot, **FAST)
+    b = sf.compress(model, 0.0, calibration=CALIB, sparsity=sparsity, shots=2, **FAST)
+    assert [round(r, 2) for r, _ in seen] == [0.25, 0.5]
+    for p, z in seen[0][1].items():
+        assert torch.all(a.get_parameter(p)[z] == 0)  # zeroed once, zero for good
+    if sparsity == "2:4":
+        assert not any(check_nm(a, 2, 4, params=a.surgeon_fx_sparsity.params).values())
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_structured_then_2to4_and_graph_output():
+    model = tiny_model("mistral")
+    out = sf.compress(model, 0.2, calibration=CALIB, sparsity="2:4", shots=1, kinds=("mlp",), **FAST)
+    plan, rep = out.surgeon_fx_plan, out.surgeon_fx_sparsity
+    assert plan.params_after < plan.params_before  # structures removed first ...
+    assert not any(check_nm(out, 2, 4, params=rep.params).values())  # ... then 2:4 on what is left
+    gm = sf.compress(model, 0.0, sparsity="2:4", method="magnitude", output="graph", progress=False)
+    assert isinstance(gm, torch.fx.GraphModule) and gm.surgeon_fx_sparsity.reached >= 0.5
+
+
+def test_sparse_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = sf.compress(tiny_model("llama"), 0.0, sparsity="2:4", method="magnitude", progress=False)
+    path = sf.export_onnx(out, tmp_path / "m.onnx")  # verify=True: runs it in onnxruntime against torch
+    assert path.exists()
