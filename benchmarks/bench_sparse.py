@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 import surgeon_fx as sf
@@ -85,17 +86,27 @@ def quality(model, calib, ev, args) -> dict:
     for pattern in args.patterns.split(","):
         for method in args.methods.split(","):
             t0 = time.perf_counter()
-            shots = args.shots if method == "surgeon" else 1
+            # variants: "surgeon:layer" (same sparsity in every layer), "surgeon:d0.1" (damping), "surgeon:s8" (shots)
+            base, *opts = method.split(":")
+            kw = {"damping": args.damping, "sparsity_scope": args.scope}
+            shots = args.shots if base == "surgeon" else 1
+            for o in opts:
+                if o in ("layer", "global"):
+                    kw["sparsity_scope"] = o
+                elif o.startswith("d"):
+                    kw["damping"] = float(o[1:])
+                elif o.startswith("s"):
+                    shots = int(o[1:])
             sparse = sf.compress(
                 model,
                 0.0,
                 calibration=calib,
                 sparsity=pattern,
-                method=method,
+                method=base,
                 shots=shots,
-                damping=args.damping,
                 chunk_size=args.chunk_size,
                 progress=False,
+                **kw,
             )
             seconds = time.perf_counter() - t0
             rep = sparse.surgeon_fx_sparsity
@@ -119,12 +130,44 @@ def quality(model, calib, ev, args) -> dict:
     return out
 
 
-def _timer(fn, label: str, min_run: float) -> float:
+def _graphed(fn):
+    """``fn`` captured in a CUDA graph (its replay), or None when capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            fn()
+        return graph.replay
+    except Exception as e:  # e.g. ops that cannot be captured
+        say(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); eager timing only")
+        return None
+
+
+def _timer(fn, label: str, min_run: float, graph: bool = False) -> float | None:
+    """Median ms per call (synchronised); with ``graph`` the call is a CUDA graph replay (None if capture fails).
+
+    Graphs remove host overhead: in torch <= 2.11 every semi-structured matmul sets up and tears down
+    its cuSPARSELt descriptors on the host (~0.5 ms per call, pytorch/pytorch#153825).
+    """
     from torch.utils import benchmark
 
+    cuda = torch.cuda.is_available()
+    if graph:
+        fn = _graphed(fn)
+        if fn is None:
+            return None
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.no_grad():
         fn()  # warm-up (kernel selection)
-        m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label).blocked_autorange(min_run_time=min_run)
+        sync()
+        m = benchmark.Timer(stmt="fn(); sync()", globals={"fn": fn, "sync": sync}, label=label).blocked_autorange(
+            min_run_time=min_run
+        )
     return m.median * 1e3
 
 
@@ -152,30 +195,36 @@ def speed(model, args) -> dict:
     shapes: dict[tuple[int, int], int] = {}
     for p in params:
         shapes[tuple(dense.get_parameter(p).shape)] = shapes.get(tuple(dense.get_parameter(p).shape), 0) + 1
+    modes = ("eager", "graph") if device.type == "cuda" else ("eager",)
     for batch, seq in [tuple(int(v) for v in s.split("x")) for s in args.speed_shapes.split(",")]:
         tokens = batch * seq
-        lin_dense = lin_sparse = 0.0
-        for (r, c), count in shapes.items():
-            x = torch.randn(tokens, c, device=device, dtype=dtype)
-            w = torch.randn(r, c, device=device, dtype=dtype)
-            lin_dense += count * _timer(lambda x=x, w=w: torch.nn.functional.linear(x, w), "dense", args.min_run)
-            if semi:
-                mask = torch.tensor([1, 1, 0, 0], device=device, dtype=dtype).repeat(r, c // 4)
-                ws = torch.sparse.to_sparse_semi_structured(w * mask)
-                lin_sparse += count * _timer(lambda x=x, ws=ws: torch.nn.functional.linear(x, ws), "2:4", args.min_run)
-        ids = torch.randint(0, 100, (batch, seq), device=device)
-        m_dense = _timer(lambda ids=ids: dense(input_ids=ids, use_cache=False), "model dense", args.min_run)
-        m_sparse = (
-            _timer(lambda ids=ids: sparse(input_ids=ids, use_cache=False), "model 2:4", args.min_run) if semi else None
-        )
-        row = {
-            "linear_dense_ms": lin_dense,
-            "linear_2to4_ms": lin_sparse if semi else None,
-            "model_dense_ms": m_dense,
-            "model_2to4_ms": m_sparse,
-        }
-        result["rows"][f"{batch}x{seq}"] = row
-        say(f"speed {batch}x{seq}: {row}")
+        for mode in modes:
+            g = mode == "graph"
+            lin_dense = lin_sparse = 0.0
+            for (r, c), count in shapes.items():
+                x = torch.randn(tokens, c, device=device, dtype=dtype)
+                w = torch.randn(r, c, device=device, dtype=dtype)
+                lin_dense += count * (_timer(lambda x=x, w=w: F.linear(x, w), "dense", args.min_run, g) or float("nan"))
+                if semi:
+                    mask = torch.tensor([1, 1, 0, 0], device=device, dtype=dtype).repeat(r, c // 4)
+                    ws = torch.sparse.to_sparse_semi_structured(w * mask)
+                    t = _timer(lambda x=x, ws=ws: F.linear(x, ws), "2:4", args.min_run, g)
+                    lin_sparse += count * (t or float("nan"))
+            ids = torch.randint(0, 100, (batch, seq), device=device)
+            m_dense = _timer(lambda ids=ids: dense(input_ids=ids, use_cache=False), "model dense", args.min_run, g)
+            m_sparse = (
+                _timer(lambda ids=ids: sparse(input_ids=ids, use_cache=False), "model 2:4", args.min_run, g)
+                if semi
+                else None
+            )
+            row = {
+                "linear_dense_ms": lin_dense,
+                "linear_2to4_ms": lin_sparse if semi else None,
+                "model_dense_ms": m_dense,
+                "model_2to4_ms": m_sparse,
+            }
+            result["rows"][f"{batch}x{seq} {mode}"] = row
+            say(f"speed {batch}x{seq} {mode}: {row}")
     return result
 
 
@@ -209,14 +258,19 @@ def markdown(r: dict) -> str:
             f"Forward latency, {s['dtype']} on {s['device']}, ms (median, torch.utils.benchmark); "
             f"{s['converted']}/{s['linear_layers']} decoder linears in semi-structured 2:4 format.",
             "",
-            "| batch x seq | linears dense | linears 2:4 | speedup | model dense | model 2:4 | speedup |",
+            "Eager: one call per op (torch <= 2.11 adds ~0.5 ms host time per semi-structured matmul, "
+            "pytorch/pytorch#153825); graph: the same calls replayed from a CUDA graph.",
+            "",
+            "| batch x seq, mode | linears dense | linears 2:4 | speedup | model dense | model 2:4 | speedup |",
             "|---|---|---|---|---|---|---|",
         ]
         for shape, row in s["rows"].items():
             ls, ms = row["linear_2to4_ms"], row["model_2to4_ms"]
-            lin = f"{ls:.3f} | x{row['linear_dense_ms'] / ls:.2f}" if ls else "- | -"
-            mod = f"{ms:.3f} | x{row['model_dense_ms'] / ms:.2f}" if ms else "- | -"
-            lines.append(f"| {shape} | {row['linear_dense_ms']:.3f} | {lin} | {row['model_dense_ms']:.3f} | {mod} |")
+            ld, md = row["linear_dense_ms"], row["model_dense_ms"]
+            lin = f"{ls:.3f} | x{ld / ls:.2f}" if ls else "- | -"
+            mod = f"{ms:.3f} | x{md / ms:.2f}" if ms and md else "- | -"
+            md_s = f"{md:.3f}" if md else "-"
+            lines.append(f"| {shape} | {ld:.3f} | {lin} | {md_s} | {mod} |")
         if "semi_structured_error" in s:
             lines.append(f"Semi-structured: {s['semi_structured_error']}")
     lines += ["", f"Command: `{r['command']}`", f"Calibration {r['calibration']}, eval {r['eval']}"]
@@ -230,17 +284,19 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default="surgeon,magnitude,wanda,sparsegpt")
     ap.add_argument("--patterns", default="unstructured,2:4")
-    ap.add_argument("--shots", type=int, default=5, help="surgeon shots (the baselines run one shot)")
+    ap.add_argument("--shots", type=int, default=4, help="surgeon shots (the baselines run one shot)")
     ap.add_argument("--damping", type=float, default=0.01)
-    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--scope", default="global", choices=("global", "layer"), help="surgeon sparsity_scope")
+    ap.add_argument("--chunk-size", type=int, default=2048, help="surgeon: weights solved jointly (GPU: 2048)")
     ap.add_argument("--calib-pt"), ap.add_argument("--eval-pt")
     ap.add_argument("--calib-n", type=int, default=128), ap.add_argument("--calib-len", type=int, default=2048)
     ap.add_argument("--eval-len", type=int, default=2048), ap.add_argument("--eval-windows", type=int, default=0)
     ap.add_argument("--wikitext", default=os.environ.get("SURGEON_FX_WIKITEXT"))
-    ap.add_argument("--speed-shapes", default="1x2048,8x512,16x128", help="batch x sequence of the speed table")
+    ap.add_argument("--speed-shapes", default="1x128,1x2048,16x2048", help="batch x sequence of the speed table")
     ap.add_argument("--min-run", type=float, default=1.0, help="seconds of timing per measurement")
     ap.add_argument("--no-quality", action="store_true"), ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny random model and windows (CPU is fine)")
+    ap.add_argument("--append", action="store_true", help="add to <out>.json (run methods/patterns in pieces)")
     ap.add_argument("--out", default="benchmarks/results/sparse_smollm2")
     args = ap.parse_args()
     if args.smoke:
@@ -257,11 +313,19 @@ def main() -> int:
         "damping": args.damping,
         "chunk_size": args.chunk_size,
     }
+    out = Path(args.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if args.append and out.with_suffix(".json").exists() else {}
     result["dense_ppl"] = perplexity(model, ev, progress=False)
     say(f"dense: ppl {result['dense_ppl']:.3f}")
-    result["quality"] = {} if args.no_quality else quality(model, calib, ev, args)
+    result["quality"] = old.get("quality", {})
+    for pattern, rows in ({} if args.no_quality else quality(model, calib, ev, args)).items():
+        result["quality"].setdefault(pattern, {}).update(rows)
     if not args.no_speed:
         result["speed"] = speed(model, args)
+    elif "speed" in old:
+        result["speed"] = old["speed"]
+    if old:
+        result["command"] = old["command"] + " && " + result["command"]
     result["versions"] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -273,13 +337,13 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(text)
     print(text)
-    out.with_suffix(".log").write_text("\n".join([result["command"], *LOG, text]))
+    with out.with_suffix(".log").open("a" if args.append else "w") as f:
+        f.write("\n".join([" ".join(["python", *sys.argv]), *LOG, text]) + "\n")
     return 0
 
 

@@ -119,6 +119,7 @@ def annotate_masks(
     prior: dict[str, torch.Tensor] | None = None,
     damping: float = 0.01,
     update: bool = True,
+    scope: str = "global",
 ) -> None:
     """Choose the weights to zero and store them in ``gm.meta[MASKS]`` (a :class:`Masks`).
 
@@ -133,12 +134,16 @@ def annotate_masks(
         damping: relative damping of both K-FAC factors (surgeon).
         update: surgeon: costs assume the correlated OBS update (else the other weights stay fixed:
             ``1/2 W_rc^2 G_rr A_cc``).
+        scope: surgeon: ``"global"`` (one threshold over all layers, as the paper) or ``"layer"``
+            (every layer reaches the same sparsity; costs rank weights within a layer).
 
     Raises:
         ValueError: bad options; ``method="sparsegpt"`` (its masks come with its update).
         KeyError: groups or curvature missing.
     """
     _check(method, pattern, ratio, fraction)
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     if method == "sparsegpt":
         raise ValueError("SparseGPT chooses its mask while updating the weights: use apply_sparsegpt_")
     curv = get_curvature(gm) if method != "magnitude" else None
@@ -148,7 +153,7 @@ def annotate_masks(
     masks: dict[str, torch.Tensor] = {}
     nm = pattern if isinstance(pattern, tuple) else None
     if method == "surgeon":
-        costs, quota = [], 0
+        costs, quotas = [], []
         for lay in layers:
             w = _weight_matrix(gm, lay)
             r, c = w.shape
@@ -164,15 +169,12 @@ def annotate_masks(
             pri = priors[lay.node]
             if nm is not None:
                 cost = nm_eligible(cost, *nm, pri)
-                quota += r * nm_quota(c, *nm)
             elif pri is not None:
                 cost = torch.where(pri, -torch.inf, cost.double())
             costs.append(cost.float().reshape(-1))
-        flat = torch.cat(costs) if costs else torch.zeros(0)
-        forced = int((flat == -torch.inf).sum())
-        k = round((quota if nm is not None else ratio * flat.numel()) * fraction)
-        k = min(max(k, forced), int((flat < torch.inf).sum()))
-        chosen = select_smallest(flat, k)
+            quotas.append(r * nm_quota(c, *nm) if nm is not None else ratio * r * c)
+        parts = [(costs, quotas)] if scope == "global" else [([c], [q]) for c, q in zip(costs, quotas)]
+        chosen = torch.cat([_choose(torch.cat(cs), sum(qs) * fraction) for cs, qs in parts]) if costs else None
         start = 0
         for lay in layers:
             r, c = _weight_matrix(gm, lay).shape
@@ -192,6 +194,13 @@ def annotate_masks(
                 mask = row_mask(score, ratio * fraction, pri)
             masks[lay.weight] = _to_matrix(mask, lay).clone()
     gm.meta[MASKS] = Masks(masks, method, pattern, ratio if nm is None else 1 - nm[0] / nm[1])
+
+
+def _choose(flat: torch.Tensor, goal: float) -> torch.Tensor:
+    """The ``round(goal)`` cheapest entries, at least every forced (-inf) one, never a barred (+inf) one."""
+    forced = int((flat == -torch.inf).sum())
+    k = min(max(round(goal), forced), int((flat < torch.inf).sum()))
+    return select_smallest(flat, k)
 
 
 def _diag(f: torch.Tensor) -> torch.Tensor:

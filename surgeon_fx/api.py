@@ -62,6 +62,8 @@ class CompressConfig:
             N:M: 1 - N/M (the default; another value is an error).
         chunk_size: ``"surgeon"`` sparsity solves the correlated update for at most this many
             weights at once (chunks of rows; memory ``8 * chunk_size^2`` bytes, time ``~chunk_size^2``).
+        sparsity_scope: ``"surgeon"`` sparsity: ``"global"`` (one cost threshold over all layers, as
+            the paper) or ``"layer"`` (the same sparsity in every layer, costs rank within a layer).
     """
 
     ratio: float
@@ -83,6 +85,7 @@ class CompressConfig:
     sparsity: str | None = None
     sparsity_ratio: float | None = None
     chunk_size: int = 1024
+    sparsity_scope: str = "global"
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -119,6 +122,8 @@ class CompressConfig:
                     f"sparsity={self.sparsity!r} zeroes exactly {nm_ratio:.3g} of the weights; "
                     f"got sparsity_ratio={self.sparsity_ratio} (leave it unset)"
                 )
+        if self.sparsity_scope not in ("global", "layer"):
+            raise ValueError(f"sparsity_scope must be 'global' or 'layer', got {self.sparsity_scope!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
         if self.basis not in ("model", "linear"):

@@ -129,6 +129,7 @@ def run_sparsity_shots(
                 prior=prior,
                 damping=cfg.damping,
                 update=update,
+                scope=cfg.sparsity_scope,
             )
             apply_masks_(gm, update=update, damping=cfg.damping, chunk_size=cfg.chunk_size)
         prior = gm.meta[MASKS].masks

@@ -211,15 +211,19 @@ def test_2to4_is_exactly_valid_in_every_linear_layer(family):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # caller's model unchanged
 
 
-@pytest.mark.parametrize("method", ["surgeon", "magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["surgeon", "surgeon:layer", "magnitude", "wanda", "sparsegpt"])
 def test_unstructured_reaches_the_exact_sparsity(method):
+    method, _, scope = method.partition(":")
     model = tiny_model("opt")
-    out = sf.compress(
-        model, 0.0, calibration=CALIB, sparsity="unstructured", sparsity_ratio=0.6, method=method, shots=2, **FAST
-    )
+    kw = dict(sparsity="unstructured", sparsity_ratio=0.6, method=method, sparsity_scope=scope or "global")
+    out = sf.compress(model, 0.0, calibration=CALIB, shots=2, **kw, **FAST)
     rep = out.surgeon_fx_sparsity
     widest = max(max(out.get_parameter(p).shape) for p in rep.params)
     assert abs(rep.removed - 0.6 * rep.total) <= widest  # within one row's worth
+    if scope == "layer" or method != "surgeon":  # fixed allocation: every layer within one row
+        for p in rep.params:
+            w = out.get_parameter(p)
+            assert abs(rep.per_param[p] - 0.6) * w.numel() <= max(w.shape)
     assert rep.summary().startswith(f"sparsity ({method}, unstructured)")
     assert out.surgeon_fx_plan.params_after == out.surgeon_fx_plan.params_before
 
@@ -258,3 +262,35 @@ def test_sparse_model_exports_to_onnx(tmp_path):
     out = sf.compress(tiny_model("llama"), 0.0, sparsity="2:4", method="magnitude", progress=False)
     path = sf.export_onnx(out, tmp_path / "m.onnx")  # verify=True: runs it in onnxruntime against torch
     assert path.exists()
+
+
+@pytest.mark.slow
+def test_surgeon_2to4_beats_magnitude_on_real_model():
+    """SmolLM2-135M on CPU, 8 x 128 calibration tokens, one shot of 2:4 over all 210 decoder linears.
+
+    The curvature-scored masks (costs with the other weights fixed, ``update="none"``: the correlated
+    update's per-row solves take minutes on two CPU cores; it is covered by the oracles above and by
+    ``benchmarks/bench_sparse.py`` on the GPU) beat magnitude on held-out WikiText-2 windows.
+    """
+    from pathlib import Path
+
+    from surgeon_fx.data import calibration_windows, eval_windows, wiki_calibration_text, wikitext2_text
+    from surgeon_fx.evaluate import perplexity
+    from surgeon_fx.models import load_smollm2
+
+    try:
+        model, tok = load_smollm2()
+    except FileNotFoundError as e:  # pragma: no cover - the setup script installs it
+        pytest.skip(str(e))
+    calib = calibration_windows("wiki", tok, n=8, seq_len=128, seed=0)
+    wikitext = Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2-raw/test.jsonl"
+    text = wikitext2_text(wikitext) if wikitext.exists() else wiki_calibration_text()[-400_000:]
+    held = eval_windows(tok, text, seq_len=128, max_windows=4)
+    kw = dict(sparsity="2:4", shots=1, progress=False)
+    surgeon = sf.compress(model, 0.0, calibration=calib, update="none", **kw)
+    magnitude = sf.compress(model, 0.0, method="magnitude", **kw)
+    for m in (surgeon, magnitude):
+        rep = m.surgeon_fx_sparsity
+        assert len(rep.params) == 210 and not any(check_nm(m, 2, 4, params=rep.params).values())
+    p_s, p_m = perplexity(surgeon, held, progress=False), perplexity(magnitude, held, progress=False)
+    assert math.isfinite(p_s) and p_s < p_m
