@@ -112,6 +112,8 @@ class CompressConfig:
                     f"ratio={self.ratio} removes structures first, which method {self.method!r} cannot score; "
                     "use ratio=0 (sparsity only) or method 'surgeon' / 'magnitude'"
                 )
+            if self.checkpoint_dir is not None:
+                raise ValueError("checkpoint_dir (per-shot resume) is not supported with sparsity yet; leave it unset")
             nm_ratio = None if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
             if self.sparsity_ratio is None:
                 object.__setattr__(self, "sparsity_ratio", 0.5 if nm_ratio is None else nm_ratio)

@@ -142,6 +142,10 @@ def test_parse_sparsity_and_config_errors():
         sf.CompressConfig(0.2, method="sparsegpt", sparsity="unstructured")
     with pytest.raises(ValueError, match="supports methods"):
         sf.CompressConfig(0.0, method="kobd", sparsity="2:4")
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        sf.CompressConfig(0.0, sparsity="2:4", checkpoint_dir="ck")
+    with pytest.raises(ValueError, match="sparsity_scope"):
+        sf.CompressConfig(0.0, sparsity="2:4", sparsity_scope="row")
     with pytest.raises(ValueError, match="sparsity_ratio must be"):
         sf.CompressConfig(0.0, sparsity="unstructured", sparsity_ratio=1.0)
     with pytest.raises(ValueError, match="needs calibration"):
