@@ -86,12 +86,15 @@ def quality(model, calib, ev, args) -> dict:
     for pattern in args.patterns.split(","):
         for method in args.methods.split(","):
             t0 = time.perf_counter()
-            # variants: "surgeon:layer" (same sparsity in every layer), "surgeon:d0.1" (damping), "surgeon:s8" (shots)
+            # variants: "surgeon:layer" (same sparsity in every layer), "surgeon:d0.1" (damping), "surgeon:s8"
+            # (shots), "surgeon:noupdate" (no OBS update); combine them: "surgeon:layer:d0.1"
             base, *opts = method.split(":")
             kw = {"damping": args.damping, "sparsity_scope": args.scope}
             shots = args.shots if base == "surgeon" else 1
             for o in opts:
-                if o in ("layer", "global"):
+                if o == "noupdate":  # fixed-weight costs 1/2 W^2 G_rr A_cc, no OBS update
+                    kw["update"] = "none"
+                elif o in ("layer", "global"):
                     kw["sparsity_scope"] = o
                 elif o.startswith("d"):
                     kw["damping"] = float(o[1:])
