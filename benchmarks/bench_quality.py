@@ -44,11 +44,12 @@ def tokens(args, tok):
     return calib[: args.calib_n, : args.calib_len], ev[: args.eval_windows] if args.eval_windows else ev
 
 
-def speed(model, calib, device) -> dict:
-    """Seconds for one curvature sweep vs a bare forward+backward (parameter gradients) over ``calib``."""
+def speed(model, calib, device, precision: str = "fp32") -> dict:
+    """Seconds for one curvature sweep vs a bare forward+backward (parameter gradients) over ``calib``,
+    both in the same arithmetic (``precision``: fp32 or tf32)."""
     import torch.nn.functional as F
     from surgeon_fx.passes import annotate_groups
-    from surgeon_fx.passes.curvature import annotate_curvature
+    from surgeon_fx.passes.curvature import annotate_curvature, sweep_precision
 
     def sync():
         if device.type == "cuda":
@@ -56,27 +57,31 @@ def speed(model, calib, device) -> dict:
 
     gm = sf.trace(model)
     annotate_groups(gm)
-    annotate_curvature(gm, calib[:2], progress=False)  # warm-up
+    annotate_curvature(gm, calib[:2], progress=False, precision=precision)  # warm-up
     sync()
     t = time.perf_counter()
-    annotate_curvature(gm, calib, progress=False)
+    annotate_curvature(gm, calib, progress=False, precision=precision)
     sync()
     sweep = time.perf_counter() - t
     for p in model.parameters():
         p.requires_grad_(True)
-    model(input_ids=calib[:1].to(device), use_cache=False).logits.sum().backward()  # warm-up
+    with sweep_precision(precision, device):
+        model(input_ids=calib[:1].to(device), use_cache=False).logits.float().sum().backward()  # warm-up
     sync()
     t = time.perf_counter()
     for i in range(len(calib)):
         ids = calib[i : i + 1].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+        with sweep_precision(precision, device):
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        loss.backward()
     sync()
     bare = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return {
+        "precision": precision,
         "curvature_sweep_s": sweep,
         "bare_fwd_bwd_s": bare,
         "ratio": sweep / bare,
@@ -89,7 +94,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--methods", default="surgeon,kobd,lobd,magnitude")
+    ap.add_argument(
+        "--methods",
+        default="surgeon,kobd,lobd,magnitude,published,torch_pruning",
+        help="comma-separated; torch_pruning needs the `baselines` extra",
+    )
     ap.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5", help="kept fractions of decoder linear parameters")
     ap.add_argument("--shots-per-step", type=int, default=2, help="shots per 10%% of parameters removed")
     ap.add_argument("--calib-pt"), ap.add_argument("--eval-pt")
@@ -99,7 +108,9 @@ def main() -> int:
     ap.add_argument("--fisher", default="empirical"), ap.add_argument("--damping", type=float, default=0.01)
     ap.add_argument("--kinds", default="heads,mlp,residual")
     ap.add_argument("--update", default="columns", choices=("none", "columns", "rows", "both"))
-    ap.add_argument("--speed", action="store_true", help="also time a curvature sweep against a bare fwd+bwd")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32"), help="curvature sweep arithmetic")
+    ap.add_argument("--speed", default="", help="time a curvature sweep against a bare fwd+bwd in these precisions")
+    ap.add_argument("--speed-only", action="store_true", help="skip the quality table (with --speed)")
     ap.add_argument("--save-tokens", default=None, help="write calib.pt and eval.pt to this folder and exit")
     ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
     args = ap.parse_args()
@@ -125,25 +136,52 @@ def main() -> int:
         "calibration": list(calib.shape),
         "eval": list(ev.shape),
         "fisher": args.fisher,
+        "precision": args.precision,
         "kinds": kinds,
         "methods": {},
     }
     t = time.perf_counter()
     result["dense_ppl"] = perplexity(model, ev, progress=False)
     print(f"dense: ppl {result['dense_ppl']:.3f} ({time.perf_counter() - t:.1f}s)", flush=True)
+    out = Path(args.out)
     if args.speed:
-        result["speed"] = speed(model, calib, device)
-        print("speed", result["speed"], flush=True)
-    for method in args.methods.split(","):
+        result["speed"] = []
+        for prec in args.speed.split(","):
+            result["speed"].append(speed(model, calib, device, prec))
+            print("speed", result["speed"][-1], flush=True)
+            save(out, result)
+    for method in [] if args.speed_only else args.methods.split(","):
         rows = {}
+        timing = None
         t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if method == "magnitude":
+        if method == "magnitude" or method.startswith("torch_pruning"):
             for keep in targets:
-                small = sf.compress(model, 1 - keep, method="magnitude", basis="linear", kinds=kinds, progress=False)
-                rows[keep] = _row(small, ev, time.perf_counter() - t0)
+                if method == "magnitude":
+                    small = sf.compress(
+                        model, 1 - keep, method="magnitude", basis="linear", kinds=kinds, progress=False
+                    )
+                    rows[keep] = _row(small, ev, time.perf_counter() - t0)
+                else:  # "torch_pruning" (Taylor importance) or "torch_pruning:magnitude", one run per size
+                    from surgeon_fx.baselines import torch_pruning_compress
+
+                    importance = method.split(":")[1] if ":" in method else "taylor"
+                    small = torch_pruning_compress(
+                        model, 1 - keep, calib, importance=importance, basis="linear", progress=False
+                    )
+                    rep = small.surgeon_fx_baseline
+                    rows[keep] = {
+                        "ppl": perplexity(small, ev, progress=False),
+                        "linear_kept": rep.basis_after / rep.basis_before,
+                        "params": rep.params_after,
+                        "seconds": time.perf_counter() - t0,
+                        "shot": None,
+                    }
+                del small
                 print(method, keep, rows[keep], flush=True)
+                result["methods"][method] = {"rows": {str(k): v for k, v in rows.items()}, "partial": True}
+                save(out, result)
         else:
             steps = round((1 - targets[-1]) * 10)
             shots = steps * args.shots_per_step
@@ -154,13 +192,19 @@ def main() -> int:
                     keep = pending.pop(0)
                     rows[keep] = _row(m, ev, time.perf_counter() - t0, plan, shot)
                     print(method, keep, rows[keep], flush=True)
+                    result["methods"][method] = {"rows": {str(k): v for k, v in rows.items()}, "partial": True}
+                    save(out, result)
 
-            # variants: "surgeon:noupdate" (costs only), "surgeon:d0.1" (damping 0.1), "surgeon:true" (true Fisher)
+            # variants: "surgeon:noupdate" (costs only), "surgeon:d0.1" (damping 0.1), "surgeon:true" (true
+            # Fisher), "surgeon:s4" (4 shots per 10%), "surgeon:nores" (no residual channels), "surgeon:all"
+            # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32"
             base, *opts = method.split(":")
             extra = {
                 "update": "none" if "noupdate" in opts else args.update,
                 "damping": args.damping,
                 "fisher": args.fisher,
+                "precision": args.precision,
+                "kinds": kinds,
             }
             for o in opts:
                 if o.startswith("d"):
@@ -169,24 +213,38 @@ def main() -> int:
                     extra["fisher"] = "true"
                 elif o in ("none", "columns", "rows", "both"):
                     extra["update"] = o
-            sf.compress(
+                elif o.startswith("s"):  # shots per 10%
+                    shots = steps * int(o[1:])
+                elif o in ("all", "consumers"):
+                    extra["sides"] = o
+                elif o == "nores":
+                    extra["kinds"] = tuple(k for k in kinds if k != "residual")
+                elif o in ("tf32", "fp32"):
+                    extra["precision"] = o
+            small = sf.compress(
                 model,
                 1 - targets[-1],
                 calibration=calib,
                 method=base,
                 basis="linear",
-                kinds=kinds,
                 shots=shots,
                 progress=False,
                 on_shot=on_shot,
                 **extra,
             )
+            timings = getattr(small, "surgeon_fx_timings", None)
+            if timings:
+                stages = {k: sum(t.get(k, 0.0) for t in timings) / len(timings) for k in timings[0]}
+                timing = {"shots": shots, "mean_stage_s": stages, "per_shot_s": [sum(t.values()) for t in timings]}
+            del small
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         result["methods"][method] = {
             "rows": {str(k): v for k, v in rows.items()},
             "total_s": time.perf_counter() - t0,
             "peak_gpu_gb": peak,
+            "timing": timing,
         }
+        save(out, result)
     result["versions"] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -198,12 +256,16 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
     }
-    out = Path(args.out)
+    save(out, result)
+    print(markdown(result))
+    return 0
+
+
+def save(out: Path, result: dict) -> None:
+    """Write ``<out>.json`` and ``<out>.md`` (after every row, so a cut-short run keeps its rows)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return 0
 
 
 def _row(model, ev, seconds, plan=None, shot=None) -> dict:
@@ -240,14 +302,20 @@ def markdown(result: dict) -> str:
         f"Calibration {result['calibration']}, eval {result['eval']}, "
         f"fisher {result['fisher']}, kinds {result['kinds']}",
     ]
-    if "speed" in result:
-        s = result["speed"]
+    for s in result.get("speed", []):
         lines.append(
-            f"Curvature sweep {s['curvature_sweep_s']:.1f}s vs bare forward+backward {s['bare_fwd_bwd_s']:.1f}s "
-            f"(x{s['ratio']:.2f}) over {s['windows']} x {s['seq_len']} tokens"
+            f"Curvature sweep ({s['precision']}) {s['curvature_sweep_s']:.1f}s vs bare forward+backward "
+            f"{s['bare_fwd_bwd_s']:.1f}s (x{s['ratio']:.2f}) over {s['windows']} x {s['seq_len']} tokens"
         )
     for method, res in result["methods"].items():
+        if res.get("partial"):
+            lines.append(f"{method}: cut short (rows so far)")
+            continue
         lines.append(f"{method}: total {res['total_s']:.0f}s, peak GPU memory {res['peak_gpu_gb']} GB")
+        if res.get("timing"):
+            tm = res["timing"]
+            stages = ", ".join(f"{k} {v:.1f}s" for k, v in tm["mean_stage_s"].items())
+            lines.append(f"  {tm['shots']} shots, {sum(tm['per_shot_s']):.0f}s in shots; mean per shot: {stages}")
     lines.append(f"Versions: {result.get('versions')}; machine: {result.get('machine')}")
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ output of an LM head). Layers reading the same input share one ``A``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from surgeon_fx.keys import CURVATURE, require
 
 from .groups import get_groups
 
-__all__ = ["Layer", "Curvature", "annotate_curvature", "find_layers", "get_curvature"]
+__all__ = ["Layer", "Curvature", "annotate_curvature", "find_layers", "get_curvature", "sweep_precision"]
 
 aten = torch.ops.aten
 
@@ -67,6 +68,8 @@ class Curvature:
     a: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     fisher: str = "empirical"
+    inverses: dict = field(default_factory=dict, repr=False)
+    """Damped inverses computed from these factors, by (side, key, damping); shared by the passes."""
 
     def roles(self) -> dict[tuple[str, int], list[tuple[Layer, str]]]:
         """``(param FQN, axis) -> [(layer, "row" | "col")]``: where each parameter axis enters a layer."""
@@ -117,6 +120,18 @@ def find_layers(gm: fx.GraphModule) -> dict[str, tuple[Layer, fx.Node]]:
     return out
 
 
+@contextlib.contextmanager
+def _fp32():
+    """Full float32 products for the factors, whatever the sweep's precision."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 class _Sweep:
     """Accumulates the factors while the instrumented graph runs forward and backward."""
 
@@ -139,6 +154,10 @@ class _Sweep:
         return y
 
     def _acc_a(self, lay: Layer, x: torch.Tensor) -> None:
+        with _fp32():
+            self._acc_a_fp32(lay, x)
+
+    def _acc_a_fp32(self, lay: Layer, x: torch.Tensor) -> None:
         if lay.layout == "embedding":
             counts = torch.bincount(x.reshape(-1), minlength=lay.cols).float()
             a = self.curv.a.get(lay.a_key)
@@ -152,6 +171,10 @@ class _Sweep:
         self.curv.a[lay.a_key] = upd if a is None else a.add_(upd)
 
     def _acc_g(self, lay: Layer, g: torch.Tensor) -> None:
+        with _fp32():
+            self._acc_g_fp32(lay, g)
+
+    def _acc_g_fp32(self, lay: Layer, g: torch.Tensor) -> None:
         gf = g.detach().reshape(-1, g.shape[-1]).float()
         upd = (gf * gf).sum(0) if lay.rows > self.max_dense else gf.T @ gf
         lay.g = upd if lay.g is None else lay.g.add_(upd)
@@ -181,6 +204,7 @@ def annotate_curvature(
     batch_size: int = 1,
     seed: int = 0,
     max_dense: int = 8192,
+    precision: str = "fp32",
     progress: bool = True,
 ) -> None:
     """Collect K-FAC factors over ``windows`` (int64 token ids, (N, L)) and store them on ``gm``.
@@ -193,6 +217,9 @@ def annotate_curvature(
         batch_size: windows per forward/backward.
         seed: seed of the sampled labels.
         max_dense: factors with more rows than this are kept diagonal.
+        precision: arithmetic of the forward/backward: ``"fp32"``, ``"tf32"`` (TensorFloat-32
+            matmuls and convolutions on CUDA). The factors
+            always accumulate in float32 from float32 copies of the activations and gradients.
         progress: show a progress bar.
 
     Raises:
@@ -200,6 +227,8 @@ def annotate_curvature(
     """
     if fisher not in ("empirical", "true"):
         raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+    if precision not in ("fp32", "tf32"):
+        raise ValueError(f"precision must be 'fp32' or 'tf32', got {precision!r}")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             "windows must be an (N, L) int64 tensor of token ids (see surgeon_fx.data.calibration_windows)"
@@ -222,7 +251,7 @@ def annotate_curvature(
             ids = windows[i : i + batch_size].to(device)
             sweep.leaves.clear()
             sweep._seen.clear()
-            with torch.enable_grad():
+            with torch.enable_grad(), sweep_precision(precision, device):
                 logits = inst(ids).float()
                 if fisher == "empirical":
                     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
@@ -246,6 +275,24 @@ def annotate_curvature(
         else:
             lay.g = lay.g / curv.tokens
     gm.meta[CURVATURE] = curv
+
+
+@contextlib.contextmanager
+def sweep_precision(precision: str, device: torch.device):
+    """The arithmetic of a forward/backward: fp32, or TF32 matmuls and convolutions on CUDA.
+
+    (bfloat16 autocast is not offered: on CUDA an op of the exported Llama graph rejected mixed
+    float/bfloat16 inputs under autocast; see the session notes of issue 3.)
+    """
+    if precision == "tf32" and device.type == "cuda":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield
 
 
 def get_curvature(gm: fx.GraphModule) -> Curvature:

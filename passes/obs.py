@@ -25,7 +25,7 @@ from surgeon_fx.keys import SCORES
 from .curvature import Curvature, Layer, get_curvature
 from .groups import get_groups
 
-__all__ = ["annotate_costs", "apply_obs_updates_", "COST_METHODS", "UPDATES", "layer_matrix"]
+__all__ = ["annotate_costs", "apply_obs_updates_", "COST_METHODS", "UPDATES", "SIDES", "layer_matrix"]
 
 COST_METHODS = ("surgeon", "kobd", "lobd")
 
@@ -42,20 +42,22 @@ def layer_matrix(gm: fx.GraphModule, curv: Curvature, lay: Layer) -> torch.Tenso
 
 
 class _Inverses:
+    """Damped float64 inverses of a curvature's factors, computed once and kept on the curvature."""
+
     def __init__(self, curv: Curvature, damping: float):
         self.curv, self.damping = curv, damping
-        self._a: dict[str, torch.Tensor] = {}
-        self._g: dict[str, torch.Tensor] = {}
 
     def a_inv(self, lay: Layer) -> torch.Tensor:
-        if lay.a_key not in self._a:
-            self._a[lay.a_key] = kfac.damped_inverse(self.curv.factor_a(lay), self.damping)
-        return self._a[lay.a_key]
+        key = ("a", lay.a_key, self.damping)
+        if key not in self.curv.inverses:
+            self.curv.inverses[key] = kfac.damped_inverse(self.curv.factor_a(lay), self.damping)
+        return self.curv.inverses[key]
 
     def g_inv(self, lay: Layer) -> torch.Tensor:
-        if lay.node not in self._g:
-            self._g[lay.node] = kfac.damped_inverse(lay.g, self.damping)
-        return self._g[lay.node]
+        key = ("g", lay.node, self.damping)
+        if key not in self.curv.inverses:
+            self.curv.inverses[key] = kfac.damped_inverse(lay.g, self.damping)
+        return self.curv.inverses[key]
 
 
 def _diag(f: torch.Tensor) -> torch.Tensor:
@@ -96,8 +98,26 @@ def _role_costs(method, m, lay, role, blocks, curv, inv, update: str = "both") -
 UPDATES = ("none", "columns", "rows", "both")
 
 
-def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: float = 0.01, update: str = "both") -> None:
+SIDES = ("consumers", "all")
+
+
+def annotate_costs(
+    gm: fx.GraphModule,
+    *,
+    method: str = "surgeon",
+    damping: float = 0.01,
+    update: str = "both",
+    sides: str = "consumers",
+) -> None:
     """Score every atom by its curvature-based removal cost per parameter.
+
+    Which member slices count (``sides``): removing an atom deletes its producer rows *and* its
+    consumer columns, so the loss changes only through what the consumers stop reading; the
+    producers' rows then feed nothing. ``"consumers"`` (default) sums the column costs of the
+    consumer layers (an MLP unit's column of ``down_proj``, a head's columns of ``o_proj``, a
+    residual channel's columns of every layer reading the stream), falling back to all members for
+    a group no layer consumes; ``"all"`` also adds the producers' row costs (each a second estimate
+    of the same loss change).
 
     Args:
         gm: a graph with groups and curvature (``annotate_groups``, ``annotate_curvature``).
@@ -105,6 +125,7 @@ def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: floa
         damping: relative damping of each factor (``d * mean(diag) * I``).
         update: which sides the OBS update will compensate (``"none"``, ``"columns"``, ``"rows"``,
             ``"both"``); the costs of the other sides assume the remaining weights stay fixed.
+        sides: ``"consumers"`` or ``"all"`` (see above).
 
     Raises:
         KeyError: groups or curvature missing. ValueError: unknown method.
@@ -113,6 +134,8 @@ def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: floa
         raise ValueError(f"unknown cost method {method!r}; choose one of {COST_METHODS}")
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if sides not in SIDES:
+        raise ValueError(f"sides must be one of {SIDES}, got {sides!r}")
     analysis = get_groups(gm)
     curv = get_curvature(gm)
     roles = curv.roles()
@@ -121,11 +144,13 @@ def annotate_costs(gm: fx.GraphModule, *, method: str = "surgeon", damping: floa
     values = {}
     for g in analysis.groups:
         cost = np.zeros(g.n_atoms)
-        for mem in g.members:
-            for lay, role in roles.get((mem.param, mem.axis), ()):
-                if lay.node not in mats:
-                    mats[lay.node] = layer_matrix(gm, curv, lay)
-                cost += _role_costs(method, mats[lay.node], lay, role, mem.indices, curv, inv, update)
+        uses = [(mem, lay, role) for mem in g.members for lay, role in roles.get((mem.param, mem.axis), ())]
+        if method == "surgeon" and sides == "consumers" and any(role == "col" for _, _, role in uses):
+            uses = [u for u in uses if u[2] == "col"]
+        for mem, lay, role in uses:
+            if lay.node not in mats:
+                mats[lay.node] = layer_matrix(gm, curv, lay)
+            cost += _role_costs(method, mats[lay.node], lay, role, mem.indices, curv, inv, update)
         values[g.name] = tuple(float(c) for c in np.maximum(cost, 0.0) / max(g.atom_numel, 1))
     gm.meta[SCORES] = Scores(method, values)
 

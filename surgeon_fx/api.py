@@ -18,10 +18,14 @@ from .tracing import trace
 
 __all__ = ["CompressConfig", "compress", "prune", "check_model", "check_calibration", "METHODS", "SPARSE_METHODS"]
 
-METHODS = ("magnitude", "surgeon", "kobd", "lobd")
+METHODS = ("magnitude", "surgeon", "kobd", "lobd", "published")
 """Atom scoring methods: weight magnitude (no data), the LLM Surgeon's K-FAC costs with OBS updates,
-and the diagonal baselines K-OBD (1/2 W^2 G_rr A_cc) and L-OBD (1/2 W^2 A_cc), both without updates."""
-CURVATURE_METHODS = ("surgeon", "kobd", "lobd")
+the diagonal baselines K-OBD (1/2 W^2 G_rr A_cc) and L-OBD (1/2 W^2 A_cc), both without updates, and
+``"published"``: the LLM Surgeon as its authors' code prunes structure (rows and columns of every
+matrix scored and updated on their own, masked to zero, not coupled, no tensor shrinks;
+:mod:`surgeon_fx.published`), the reference the coupled ``"surgeon"`` is measured against."""
+CURVATURE_METHODS = ("surgeon", "kobd", "lobd", "published")
+PRECISIONS = ("fp32", "tf32")
 SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
 """Methods for ``sparsity=``: the Surgeon's element costs with correlated OBS updates, per-layer
 magnitude, Wanda (|W| * input norm per output row) and SparseGPT (layer-wise OBS, column by column)."""
@@ -50,9 +54,18 @@ class CompressConfig:
         fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the model).
         damping: K-FAC damping relative to each factor's mean diagonal.
         batch_size: calibration windows per forward/backward of the curvature sweep.
+        precision: arithmetic of the curvature sweep's forward/backward: ``"fp32"``, ``"tf32"``
+            (TensorFloat-32 matmuls on CUDA); factors always accumulate
+            in float32 and inverses are float64.
         update: which second-order (OBS) updates ``"surgeon"`` applies to the remaining weights:
             ``"columns"`` (default: consumers compensate a removed input from correlated inputs),
             ``"rows"``, ``"both"`` or ``"none"``; costs of uncompensated sides assume fixed weights.
+        sides: which member slices ``"surgeon"`` sums into an atom's cost: ``"consumers"`` (default:
+            the columns of the layers that read the structure) or ``"all"`` (also the producers'
+            rows); see :func:`surgeon_fx.passes.obs.annotate_costs`.
+        rescale_norms: when residual channels go, scale RMS-normalisation weights by
+            ``sqrt(n / (n - k))`` so the normalisation divides by the same statistic as before
+            (:func:`surgeon_fx.passes.norms.rescale_norms_`).
         checkpoint_dir: save the model and composed plan after every shot there, and resume from it.
         sparsity: ``None`` (structured only), ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most
             N nonzeros in every M consecutive inputs) for the decoder linear weights, applied after
@@ -80,7 +93,10 @@ class CompressConfig:
     fisher: str = "empirical"
     damping: float = 0.01
     batch_size: int = 1
+    precision: str = "fp32"
     update: str = "columns"
+    sides: str = "consumers"
+    rescale_norms: bool = True
     checkpoint_dir: str | None = None
     sparsity: str | None = None
     sparsity_ratio: float | None = None
@@ -155,6 +171,10 @@ class CompressConfig:
             object.__setattr__(self, "update", "both" if self.update else "none")
         if self.update not in ("none", "columns", "rows", "both"):
             raise ValueError(f"update must be 'none', 'columns', 'rows' or 'both', got {self.update!r}")
+        if self.sides not in ("consumers", "all"):
+            raise ValueError(f"sides must be 'consumers' or 'all', got {self.sides!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
 
@@ -236,7 +256,9 @@ def compress(
         calibration: (N, L) int64 token windows (``surgeon_fx.data.calibration_windows``); required by
             the curvature methods.
         method: ``"surgeon"`` (default when calibration is given), ``"magnitude"`` (default
-            otherwise), ``"kobd"`` or ``"lobd"``; with ``sparsity`` also ``"wanda"`` or ``"sparsegpt"``.
+            otherwise), ``"kobd"``, ``"lobd"`` or ``"published"`` (masked, same shapes: the result
+            carries ``surgeon_fx_masks``, a :class:`~surgeon_fx.published.MaskedResult`, and
+            ``surgeon_fx_plan = None``); with ``sparsity`` also ``"wanda"`` or ``"sparsegpt"``.
         config: a full :class:`CompressConfig`; ``ratio``/``method``/``options`` override its fields.
         progress: show progress bars (shots, curvature sweeps).
         on_shot: optional ``on_shot(shot, model, plan)`` called after every shot (after a sparsity
@@ -276,6 +298,12 @@ def compress(
     work = copy.deepcopy(model).eval()
     if cfg.sparsity is not None:
         return _compress_sparse(work, calibration, cfg, progress, on_shot)
+    if cfg.method == "published":
+        from .published import run_published_shots
+
+        work.surgeon_fx_masks = run_published_shots(work, calibration, cfg, progress=progress, on_shot=on_shot)
+        work.surgeon_fx_plan = None
+        return work
     try:
         plan = run_shots(work, calibration, cfg, progress=progress, on_shot=on_shot)
     except SurgeonError as e:
@@ -284,7 +312,9 @@ def compress(
         raise
     result = work._surgeon_fx_graph if cfg.output == "graph" else work
     del work._surgeon_fx_graph
+    timings = work.__dict__.pop("_surgeon_fx_timings", [])
     result.surgeon_fx_plan = plan
+    result.surgeon_fx_timings = timings
     return result
 
 
@@ -314,9 +344,12 @@ def _compress_sparse(work: nn.Module, calibration, cfg: CompressConfig, progress
     return result
 
 
-def _finish(work: nn.Module, gm, plan: Plan, output: str) -> nn.Module:
+def _finish(work: nn.Module, gm, plan: Plan, output: str, rescale_norms: bool = True) -> nn.Module:
     from surgeon_fx.passes import apply_plan, apply_plan_to_module_
+    from surgeon_fx.passes.norms import rescale_norms_
 
+    if rescale_norms:
+        rescale_norms_(gm, plan)
     new = apply_plan(gm, plan)
     target = new if output == "graph" else work
     if output == "module":
@@ -328,13 +361,15 @@ def _finish(work: nn.Module, gm, plan: Plan, output: str) -> nn.Module:
     return target
 
 
-def prune(model: nn.Module, plan: Plan, *, on_unknown: str = "error", output: str = "module") -> nn.Module:
+def prune(
+    model: nn.Module, plan: Plan, *, on_unknown: str = "error", output: str = "module", rescale_norms: bool = True
+) -> nn.Module:
     """Return a copy of ``model`` with exactly what ``plan`` says removed (e.g. a plan from JSON).
 
     Args:
         model: the model the plan was made for (same parameter names and shapes); not modified.
         plan: a :class:`~surgeon_fx.ir.Plan`, e.g. ``Plan.from_json(text)``.
-        on_unknown, output: as in :class:`CompressConfig`.
+        on_unknown, output, rescale_norms: as in :class:`CompressConfig`.
 
     Raises:
         KeyError / ValueError: the plan does not fit this model's parameters or coupling.
@@ -347,4 +382,4 @@ def prune(model: nn.Module, plan: Plan, *, on_unknown: str = "error", output: st
     work = copy.deepcopy(model).eval()
     gm = trace(work)
     annotate_groups(gm, on_unknown=on_unknown)
-    return _finish(work, gm, plan, output)
+    return _finish(work, gm, plan, output, rescale_norms)

@@ -20,7 +20,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .ir import Plan
-from .keys import PLAN, SCORES, SOURCE
+from .keys import CURVATURE, PLAN, SCORES, SOURCE
 from .tracing import trace
 
 __all__ = ["run_shots", "compose_plans", "share_parameters_"]
@@ -75,6 +75,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
     from .passes.curvature import annotate_curvature
+    from .passes.norms import rescale_norms_
     from .passes.obs import annotate_costs, apply_obs_updates_
 
     gm = trace(work)
@@ -87,9 +88,11 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if ckpt is not None and (ckpt / "state.json").exists():
         composed, start_shot, gm = _resume(work, ckpt, cfg)
+    timings: list[dict[str, float]] = []
     bar = tqdm(range(start_shot, cfg.shots + 1), desc="shots", disable=not progress)
     for t in bar:
         t0 = time.perf_counter()
+        clock = _Clock(gm)
         analysis = get_groups(gm)
         total, linear = _counts(analysis)
         current = total if cfg.basis == "model" else linear
@@ -97,11 +100,20 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         ratio_t = min(max(goal_removed / current, 0.0), 0.999) if current else 0.0
         if cfg.method == "magnitude":
             annotate_scores(gm, method="magnitude")
+            clock("scores")
         else:
             annotate_curvature(
-                gm, calibration, fisher=cfg.fisher, batch_size=cfg.batch_size, seed=cfg.seed + t, progress=progress
+                gm,
+                calibration,
+                fisher=cfg.fisher,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed + t,
+                precision=cfg.precision,
+                progress=progress,
             )
-            annotate_costs(gm, method=cfg.method, damping=cfg.damping, update=cfg.update)
+            clock("curvature")
+            annotate_costs(gm, method=cfg.method, damping=cfg.damping, update=cfg.update, sides=cfg.sides)
+            clock("costs")
         if cfg.uniform:
             from .passes.uniform import make_uniform_plan
 
@@ -117,6 +129,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         else:
             annotate_plan(gm, ratio_t, basis=cfg.basis, kinds=cfg.kinds, min_atoms=cfg.min_atoms)
             plan = gm.meta[PLAN]
+        clock("plan")
         if cfg.method == "surgeon" and cfg.update != "none":
             apply_obs_updates_(
                 gm,
@@ -125,10 +138,16 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
                 rows=cfg.update in ("rows", "both"),
                 cols=cfg.update in ("columns", "both"),
             )
+            clock("update")
+        if cfg.rescale_norms:
+            rescale_norms_(gm, plan)
+        gm.meta.pop(CURVATURE, None)  # free the factors (and their inverses) before the rewrite
         new = apply_plan(gm, plan)
+        clock("rewrite")
         if cfg.output == "module" or t < cfg.shots:
             apply_plan_to_module_(work, plan, old=gm, new=new)
             share_parameters_(new, work, prefix)
+            clock("module")
         composed = plan if composed is None else compose_plans(composed, plan)
         composed = dataclasses.replace(
             composed, params_before=total0, linear_before=linear0, target=cfg.ratio, basis=cfg.basis, method=cfg.method
@@ -136,16 +155,19 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         gm = new
         if t < cfg.shots:  # the next shot analyses the smaller graph
             annotate_groups(gm, on_unknown=cfg.on_unknown)
+            clock("groups")
         dt = time.perf_counter() - t0
         log.info(
-            "shot %d/%d: %.1f%% of %s parameters removed (%s left), %.1fs",
+            "shot %d/%d: %.1f%% of %s parameters removed (%s left), %.1fs (%s)",
             t,
             cfg.shots,
             100 * (composed.ratio if cfg.basis == "model" else composed.linear_ratio),
             cfg.basis,
             f"{composed.params_after:,}",
             dt,
+            clock.summary(),
         )
+        timings.append(clock.seconds)
         bar.set_postfix(removed=f"{100 * composed.ratio:.1f}%", seconds=f"{dt:.1f}")
         if ckpt is not None:
             _save(work, composed, t, ckpt)
@@ -154,7 +176,28 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
     if composed is None:
         raise ValueError("no shot ran: shots must be >= 1")
     work._surgeon_fx_graph = gm if cfg.output == "graph" else None
+    work._surgeon_fx_timings = timings
     return composed
+
+
+class _Clock:
+    """Seconds per stage of one shot (device work is synchronised so each stage owns its time)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        p = next(iter(gm.parameters()), None)
+        self.cuda = p is not None and p.is_cuda
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
 
 
 def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -47,22 +48,25 @@ def test_removing_zeroed_heads_and_units_is_exact(family):
 
 @pytest.mark.parametrize("family", RMS_FAMILIES)
 def test_removing_zeroed_residual_channels_rescales_rms_norms(family):
-    """Documented approximation: dropping k zero channels of n changes each RMS statistic from
-    sqrt(S/n) to sqrt(S/(n-k)), i.e. it is exactly the zeroed model with every RMSNorm weight
-    multiplied by sqrt((n-k)/n) (eps set negligible so the identity is exact)."""
+    """Dropping k zero channels of n changes each RMS statistic from sqrt(S/n) to sqrt(S/(n-k)).
+    ``prune`` rescales the RMS weights by sqrt(n/(n-k)) so the result *is* the zeroed model; without
+    it (``rescale_norms=False``) it is exactly the zeroed model with every RMSNorm weight multiplied by
+    sqrt((n-k)/n) (eps set negligible so both identities are exact)."""
     m = tiny_model(family, rms_norm_eps=1e-12)
     _, a = analyse(m)
     res = next(g for g in a.groups if g.kind == "residual")
     removed = {res.name: [3, 17, 40, 41]}
     zero_atoms_(m, a, removed)
+    x = ids(2, 8)
     out = sf.prune(m, plan_from_removed(a, removed))
+    torch.testing.assert_close(logits(out, x), logits(m, x), atol=1e-5, rtol=1e-5)
+    raw = sf.prune(m, plan_from_removed(a, removed), rescale_norms=False)
     n, k = 64, 4
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() == 1 and "norm" in name:  # test-side oracle only
                 p.mul_(math.sqrt((n - k) / n))
-    x = ids(2, 8)
-    torch.testing.assert_close(logits(out, x), logits(m, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(raw, x), logits(m, x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["opt", "gpt2", "phi"])
@@ -237,3 +241,31 @@ def test_plan_that_splits_a_coupled_structure_is_rejected():
                 linear_after=1,
             ),
         )
+
+
+def test_rescaled_rms_norms_make_residual_removal_equal_zeroing():
+    """With ``rescale_norms_`` the RMS normalisations divide by the same statistic as before, so
+    removing residual channels equals zeroing them in the unpruned model (up to epsilon), and
+    every RMS scale parameter of the stream is touched once by sqrt(n / (n - k))."""
+    from surgeon_fx.passes import annotate_groups, apply_plan, get_groups, plan_from_removed
+    from surgeon_fx.passes.norms import rescale_norms_
+
+    model = tiny_model("llama", rms_norm_eps=1e-12).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    gm = sf.trace(copy.deepcopy(model))
+    annotate_groups(gm)
+    res = next(g for g in get_groups(gm).groups if g.kind == "residual")
+    drop = [3, 10, 17, 40, 41]
+    plan = plan_from_removed(get_groups(gm), {res.name: drop})
+    changed = rescale_norms_(gm, plan)
+    assert len(changed) == 2 * 2 + 1  # two norms per layer and the final norm
+    assert all(abs(f - (64 / 59) ** 0.5) < 1e-12 for _, f in changed)
+    small = apply_plan(gm, plan)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in res.members:
+            p = zeroed.get_parameter(m.param)
+            if "norm" not in m.param:
+                p.index_fill_(m.axis, torch.tensor(drop), 0.0)
+    want = zeroed(input_ids=ids).logits
+    assert torch.allclose(small(ids), want, atol=1e-5, rtol=1e-4)

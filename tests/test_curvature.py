@@ -67,20 +67,24 @@ def test_analysis_only_passes_leave_code_and_weights_unchanged():
     assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
 
 
-def test_costs_are_sums_of_member_obs_costs():
-    """An MLP unit's cost is gate-row + up-row + down-column OBS costs, divided by its parameter count."""
+@pytest.mark.parametrize("sides", ["all", "consumers"])
+def test_costs_are_sums_of_member_obs_costs(sides):
+    """An MLP unit's cost is gate-row + up-row + down-column OBS costs (``sides="all"``), or the
+    down-column cost alone (``"consumers"``: the unit's output is what the loss sees), divided by
+    its parameter count."""
     m = tiny_model("llama")
     gm = sf.trace(m)
     annotate_groups(gm)
     annotate_curvature(gm, ids(4, 16), progress=False)
-    annotate_costs(gm, damping=0.01)
+    annotate_costs(gm, damping=0.01, update="both", sides=sides)
     a, curv = get_groups(gm), get_curvature(gm)
     g = a.group("model.layers.1.mlp/mlp")
     j = 7
     total = 0.0
     for lay in curv.layers.values():
         w = gm.get_parameter(a.param_targets[lay.weight]).detach().double()
-        if lay.weight.endswith(("gate_proj.weight", "up_proj.weight")) and ".1." in lay.weight:
+        producer = lay.weight.endswith(("gate_proj.weight", "up_proj.weight")) and ".1." in lay.weight
+        if producer and sides == "all":
             total += float(kfac.row_costs(w, curv.factor_a(lay), kfac.damped_inverse(lay.g, 0.01), [[j]])[0])
         if lay.weight.endswith("down_proj.weight") and ".1." in lay.weight:
             total += float(kfac.col_costs(w, lay.g, kfac.damped_inverse(curv.factor_a(lay), 0.01), [[j]])[0])
