@@ -10,6 +10,12 @@ A layer is a ``linear`` / ``addmm`` / ``mm`` / ``embedding`` node whose weight i
 some group. Its bias is an extra input column whose activation is 1. Factors larger than
 ``max_dense`` on a side are kept diagonal (the one-hot input of an embedding, the vocabulary-sized
 output of an LM head). Layers reading the same input share one ``A``.
+
+Under ``torch.distributed`` (an initialised default process group: gloo on CPU, NCCL on GPUs,
+launched e.g. with ``torchrun``), each rank sweeps its own contiguous block of the batches and the
+factor sums and token counts are all-reduced before normalising, so every rank holds the same
+factors and, downstream, makes the same plan and the same weight updates. Sampled labels (true
+Fisher) are seeded per batch, so they do not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -240,14 +246,17 @@ def annotate_curvature(
     sweep = _Sweep(curv, max_dense)
     inst = _instrument(gm, found, sweep)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    gen = torch.Generator(device=device).manual_seed(seed)
+    rank, world = _dist_info()
+    starts = list(range(0, len(windows), batch_size))
+    per = -(-len(starts) // world)  # contiguous blocks of batches, one per rank
+    mine = starts[rank * per : (rank + 1) * per]
     params = [p for p in gm.parameters()]
     need_param_grads = not any(lay.layout == "embedding" for lay in curv.layers.values())
     old_flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(need_param_grads)
     try:
-        for i in tqdm(range(0, len(windows), batch_size), desc="curvature sweep", disable=not progress, leave=False):
+        for i in tqdm(mine, desc="curvature sweep", disable=not progress or rank != 0, leave=False):
             ids = windows[i : i + batch_size].to(device)
             sweep.leaves.clear()
             sweep._seen.clear()
@@ -256,7 +265,8 @@ def annotate_curvature(
                 if fisher == "empirical":
                     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad():  # labels seeded per batch: the same on any number of ranks
+                        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
                         probs = torch.softmax(logits.flatten(0, 1), -1)
                         labels = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                     loss = F.cross_entropy(logits.flatten(0, 1), labels, reduction="sum")
@@ -266,6 +276,8 @@ def annotate_curvature(
     finally:
         for p, f in zip(params, old_flags):
             p.requires_grad_(f)
+    if world > 1:
+        _all_reduce_(curv, max_dense, device)
     for k in curv.a:
         curv.a[k] = curv.a[k] / curv.tokens
     for lay in curv.layers.values():
@@ -275,6 +287,36 @@ def annotate_curvature(
         else:
             lay.g = lay.g / curv.tokens
     gm.meta[CURVATURE] = curv
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_(curv: Curvature, max_dense: int, device: torch.device) -> None:
+    """Sum every factor and the token count over the ranks (in one fixed order on every rank)."""
+    import torch.distributed as dist
+
+    for lay in curv.layers.values():  # a rank without batches has no factors yet
+        if lay.a_key not in curv.a:
+            side = lay.cols
+            curv.a[lay.a_key] = torch.zeros(
+                (side,) if side > max_dense or lay.layout == "embedding" else (side, side), device=device
+            )
+        if lay.g is None:
+            lay.g = torch.zeros((lay.rows,) if lay.rows > max_dense else (lay.rows, lay.rows), device=device)
+    for k in sorted(curv.a):
+        dist.all_reduce(curv.a[k])
+    for name in sorted(curv.layers):
+        dist.all_reduce(curv.layers[name].g)
+    tokens = torch.tensor([float(curv.tokens)], dtype=torch.float64, device=device)
+    dist.all_reduce(tokens)
+    curv.tokens = int(tokens.item())
 
 
 @contextlib.contextmanager
