@@ -1,4 +1,4 @@
-"""CPU ablation of the OBS update policy on SmolLM2-135M.
+"""CPU ablation of the OBS update policy, the cost sides and the norm rescaling on SmolLM2-135M.
 
 One shot to 10% of the decoder linear parameters, 16 x 256 calibration tokens (packaged Wikipedia),
 8 x 256 WikiText-2 held-out tokens. Run: ``python benchmarks/ablation_update.py [WIKITEXT_JSONL]``;
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from surgeon_fx.passes import annotate_groups, apply_plan, get_groups, make_plan
 from surgeon_fx.passes.curvature import annotate_curvature
+from surgeon_fx.passes.norms import rescale_norms_
 from surgeon_fx.passes.obs import annotate_costs, apply_obs_updates_
 
 import surgeon_fx as sf
@@ -34,15 +35,32 @@ def main() -> None:
     annotate_groups(gm)
     annotate_curvature(gm, calib, progress=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for method, policy in [("kobd", "none"), ("surgeon", "none"), ("surgeon", "columns"), ("surgeon", "both")]:
+    variants = [  # (method, update, sides, rescale_norms)
+        ("kobd", "none", "all", False),
+        ("kobd", "none", "all", True),
+        ("surgeon", "columns", "all", False),
+        ("surgeon", "columns", "all", True),
+        ("surgeon", "columns", "consumers", False),
+        ("surgeon", "columns", "consumers", True),
+    ]
+    for method, policy, sides, rescale in variants:
         model.load_state_dict(state)  # the graph shares the model's parameters
         t = time.time()
-        annotate_costs(gm, method=method, update=policy)
+        annotate_costs(gm, method=method, update=policy, sides=sides)
         plan = make_plan(get_groups(gm), gm.meta[sf.SCORES], 0.1, basis="linear")
         if method == "surgeon" and policy != "none":
             apply_obs_updates_(gm, plan, rows=policy in ("rows", "both"), cols=policy in ("columns", "both"))
+        if rescale:
+            rescale_norms_(gm, plan)
         ppl = perplexity(apply_plan(gm, plan), held, progress=False)
-        print(f"{method} update={policy}: ppl {ppl:.3f} ({time.time() - t:.0f}s)", flush=True)
+        kinds = {g.kind: 0 for g in get_groups(gm).groups}
+        for name, atoms in plan.removed.items():
+            kinds[get_groups(gm).group(name).kind] += len(atoms)
+        print(
+            f"{method} update={policy} sides={sides} rescale_norms={rescale}: ppl {ppl:.3f} "
+            f"(atoms removed {kinds}; {time.time() - t:.0f}s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
