@@ -10,7 +10,17 @@ from typing import Any
 
 from torch import fx
 
-__all__ = ["SOURCE", "GROUPS", "CURVATURE", "SCORES", "PLAN", "MASKS", "require", "SurgeonError", "UnsupportedGraphError"]
+__all__ = [
+    "SOURCE",
+    "GROUPS",
+    "CURVATURE",
+    "SCORES",
+    "PLAN",
+    "MASKS",
+    "require",
+    "SurgeonError",
+    "UnsupportedGraphError",
+]
 
 SOURCE = "surgeon_fx.source"
 """How the graph was traced (:class:`surgeon_fx.ir.TraceInfo`); written by :func:`surgeon_fx.trace`."""
