@@ -171,6 +171,13 @@ class CompressConfig:
             object.__setattr__(self, "update", "both" if self.update else "none")
         if self.update not in ("none", "columns", "rows", "both"):
             raise ValueError(f"update must be 'none', 'columns', 'rows' or 'both', got {self.update!r}")
+        if self.method == "published" and (
+            self.uniform or self.output != "module" or self.checkpoint_dir is not None or self.sparsity is not None
+        ):
+            raise ValueError(
+                "method 'published' masks weights in place and keeps every shape: it supports neither "
+                "uniform, output='graph', checkpoint_dir nor sparsity; leave them at their defaults"
+            )
         if self.sides not in ("consumers", "all"):
             raise ValueError(f"sides must be 'consumers' or 'all', got {self.sides!r}")
         if self.precision not in PRECISIONS:

@@ -49,3 +49,11 @@ def test_published_is_deterministic_and_shots_keep_earlier_zeros(setup):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     for f, (r, c) in seen[0].items():
         assert r <= seen[1][f][0] and c <= seen[1][f][1]
+
+
+@pytest.mark.parametrize("bad", [{"uniform": True}, {"output": "graph"}, {"checkpoint_dir": "x"}, {"sparsity": "2:4"}])
+def test_published_rejects_options_it_cannot_honour(setup, bad):
+    """Options that only make sense for shrinking methods are refused with a clear message."""
+    model, calib = setup
+    with pytest.raises(ValueError, match="published"):
+        sf.compress(model, 0.2, calibration=calib, method="published", progress=False, **bad)
