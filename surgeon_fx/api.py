@@ -60,9 +60,9 @@ class CompressConfig:
         update: which second-order (OBS) updates ``"surgeon"`` applies to the remaining weights:
             ``"columns"`` (default: consumers compensate a removed input from correlated inputs),
             ``"rows"``, ``"both"`` or ``"none"``; costs of uncompensated sides assume fixed weights.
-        sides: which member slices ``"surgeon"`` sums into an atom's cost: ``"consumers"`` (default:
-            the columns of the layers that read the structure) or ``"all"`` (also the producers'
-            rows); see :func:`surgeon_fx.passes.obs.annotate_costs`.
+        sides: which member slices ``"surgeon"`` sums into an atom's cost: ``"all"`` (default: the
+            producers' rows and the consumers' columns) or ``"consumers"`` (only the columns of
+            the layers that read the structure); see :func:`surgeon_fx.passes.obs.annotate_costs`.
         rescale_norms: when residual channels go, scale RMS-normalisation weights by
             ``sqrt(n / (n - k))`` so the normalisation divides by the same statistic as before
             (:func:`surgeon_fx.passes.norms.rescale_norms_`).
@@ -95,7 +95,7 @@ class CompressConfig:
     batch_size: int = 1
     precision: str = "fp32"
     update: str = "columns"
-    sides: str = "consumers"
+    sides: str = "all"
     rescale_norms: bool = True
     checkpoint_dir: str | None = None
     sparsity: str | None = None
