@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
+from _env import machine, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -245,17 +244,8 @@ def main() -> int:
             "timing": timing,
         }
         save(out, result)
-    result["versions"] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "surgeon_fx": sf.__version__,
-    }
-    result["machine"] = {
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
+    result["versions"] = versions()
+    result["machine"] = machine(device)
     save(out, result)
     print(markdown(result))
     return 0

@@ -22,7 +22,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from _env import machine, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -329,17 +329,8 @@ def main() -> int:
         result["speed"] = old["speed"]
     if old:
         result["command"] = old["command"] + " && " + result["command"]
-    result["versions"] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "surgeon_fx": sf.__version__,
-    }
-    result["machine"] = {
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
+    result["versions"] = versions()
+    result["machine"] = machine(device)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +36,15 @@ from surgeon_fx.keys import CURVATURE, require
 
 from .groups import get_groups
 
-__all__ = ["Layer", "Curvature", "annotate_curvature", "find_layers", "get_curvature", "sweep_precision"]
+__all__ = [
+    "Layer",
+    "Curvature",
+    "annotate_curvature",
+    "find_layers",
+    "get_curvature",
+    "single_use",
+    "sweep_precision",
+]
 
 aten = torch.ops.aten
 
@@ -87,6 +97,13 @@ class Curvature:
 
     def factor_a(self, layer: Layer) -> torch.Tensor:
         return self.a[layer.a_key]
+
+
+def single_use(layers: Iterable[Layer]) -> list[Layer]:
+    """The layers whose weight no other layer reads (a tied embedding / LM head weight is read twice)."""
+    layers = list(layers)
+    uses = Counter(lay.weight for lay in layers)
+    return [lay for lay in layers if uses[lay.weight] == 1]
 
 
 def find_layers(gm: fx.GraphModule) -> dict[str, tuple[Layer, fx.Node]]:

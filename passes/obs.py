@@ -22,7 +22,7 @@ from surgeon_fx import kfac
 from surgeon_fx.ir import Plan, Scores
 from surgeon_fx.keys import SCORES
 
-from .curvature import Curvature, Layer, get_curvature
+from .curvature import Curvature, Layer, get_curvature, single_use
 from .groups import get_groups
 
 __all__ = ["annotate_costs", "apply_obs_updates_", "COST_METHODS", "UPDATES", "SIDES", "layer_matrix"]
@@ -177,13 +177,10 @@ def apply_obs_updates_(
     analysis = get_groups(gm)
     curv = get_curvature(gm)
     inv = _Inverses(curv, damping)
-    uses: dict[str, int] = {}
-    for lay in curv.layers.values():
-        uses[lay.weight] = uses.get(lay.weight, 0) + 1
     n = 0
-    for lay in curv.layers.values():
+    for lay in single_use(curv.layers.values()):
         axes = plan.keep.get(lay.weight)
-        if not axes or uses[lay.weight] > 1:
+        if not axes:
             continue
         gone_rows = _removed(axes.get(lay.row_axis), lay.rows) if rows else []
         gone_cols = _removed(axes.get(lay.col_axis), lay.cols - (1 if lay.bias else 0)) if cols else []

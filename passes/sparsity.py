@@ -24,7 +24,7 @@ from surgeon_fx.keys import MASKS, require
 from surgeon_fx.patterns import nm_eligible, nm_quota, select_smallest
 from surgeon_fx.sparse_baselines import magnitude_mask, nm_mask, row_mask, sparsegpt_prune, wanda_scores
 
-from .curvature import Curvature, Layer, find_layers, get_curvature
+from .curvature import Curvature, Layer, find_layers, get_curvature, single_use
 from .groups import get_groups
 from .obs import _Inverses, _write_back_, layer_matrix
 
@@ -70,14 +70,7 @@ def sparse_layers(gm: fx.GraphModule, curv: Curvature | None = None) -> list[Lay
     """
     analysis = get_groups(gm)
     found = list(curv.layers.values()) if curv is not None else [lay for lay, _ in find_layers(gm).values()]
-    uses: dict[str, int] = {}
-    for lay in found:
-        uses[lay.weight] = uses.get(lay.weight, 0) + 1
-    return [
-        lay
-        for lay in found
-        if lay.layout != "embedding" and lay.weight in analysis.linear_params and uses[lay.weight] == 1
-    ]
+    return [lay for lay in single_use(found) if lay.layout != "embedding" and lay.weight in analysis.linear_params]
 
 
 def _to_matrix(t: torch.Tensor, lay: Layer) -> torch.Tensor:

@@ -66,14 +66,6 @@ class MaskedResult:
         return self.linear_zeroed / self.linear_before if self.linear_before else 0.0
 
 
-def _linear_layers(gm, analysis, curv):
-    """Decoder linear layers whose weight feeds exactly one op (tied weights are left alone)."""
-    uses: dict[str, int] = {}
-    for lay in curv.layers.values():
-        uses[lay.weight] = uses.get(lay.weight, 0) + 1
-    return [lay for lay in curv.layers.values() if lay.weight in analysis.linear_params and uses[lay.weight] == 1]
-
-
 def run_published_shots(work: nn.Module, calibration: torch.Tensor, cfg, *, progress: bool = True, on_shot=None):
     """Mask ``cfg.ratio`` of the decoder linear weights of ``work`` (in place) over ``cfg.shots`` shots.
 
@@ -89,31 +81,22 @@ def run_published_shots(work: nn.Module, calibration: torch.Tensor, cfg, *, prog
         A :class:`MaskedResult`.
     """
     from .passes import annotate_groups, get_groups
-    from .passes.curvature import annotate_curvature
     from .passes.obs import _Inverses, _write_back_, layer_matrix
+    from .passes.sparsity import sparse_layers
+    from .shots import _counts, sweep_curvature
 
     gm = trace(work)  # shares its parameters with ``work``
     annotate_groups(gm, on_unknown=cfg.on_unknown)
     analysis = get_groups(gm)
-    res = MaskedResult(
-        linear_before=sum(analysis.param_numel[p] for p in analysis.linear_params),
-        params_before=sum(analysis.param_numel.values()),
-    )
+    params_before, linear_before = _counts(analysis)
+    res = MaskedResult(linear_before=linear_before, params_before=params_before)
     bar = tqdm(range(1, cfg.shots + 1), desc="shots", disable=not progress)
     for t in bar:
         t0 = time.perf_counter()
-        annotate_curvature(
-            gm,
-            calibration,
-            fisher=cfg.fisher,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed + t,
-            precision=cfg.precision,
-            progress=progress,
-        )
+        sweep_curvature(gm, calibration, cfg, t, progress=progress)
         curv = gm.meta[CURVATURE]
         inv = _Inverses(curv, cfg.damping)
-        layers = _linear_layers(gm, analysis, curv)
+        layers = sparse_layers(gm, curv)  # decoder linear layers read once (tied weights stay untouched)
         cands = []  # (cost per weight, layer index, "row" | "col", index)
         mats = {}
         for i, lay in enumerate(layers):

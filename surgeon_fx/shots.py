@@ -23,7 +23,7 @@ from .ir import Plan
 from .keys import CURVATURE, PLAN, SCORES, SOURCE
 from .tracing import trace
 
-__all__ = ["run_shots", "compose_plans", "share_parameters_"]
+__all__ = ["run_shots", "compose_plans", "share_parameters_", "sweep_curvature"]
 
 log = logging.getLogger("surgeon_fx")
 
@@ -74,7 +74,6 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         on_shot: optional callback ``on_shot(shot, model, plan)`` after every shot (e.g. evaluation).
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
-    from .passes.curvature import annotate_curvature
     from .passes.norms import rescale_norms_
     from .passes.obs import annotate_costs, apply_obs_updates_
 
@@ -102,15 +101,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             annotate_scores(gm, method="magnitude")
             clock("scores")
         else:
-            annotate_curvature(
-                gm,
-                calibration,
-                fisher=cfg.fisher,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed + t,
-                precision=cfg.precision,
-                progress=progress,
-            )
+            sweep_curvature(gm, calibration, cfg, t, progress=progress)
             clock("curvature")
             annotate_costs(gm, method=cfg.method, damping=cfg.damping, update=cfg.update, sides=cfg.sides)
             clock("costs")
@@ -198,6 +189,21 @@ class _Clock:
 
     def summary(self) -> str:
         return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+
+
+def sweep_curvature(gm: fx.GraphModule, calibration: torch.Tensor, cfg, shot: int, *, progress: bool = True) -> None:
+    """``annotate_curvature`` with the config's sweep options; labels seeded by ``cfg.seed + shot``."""
+    from .passes.curvature import annotate_curvature
+
+    annotate_curvature(
+        gm,
+        calibration,
+        fisher=cfg.fisher,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed + shot,
+        precision=cfg.precision,
+        progress=progress,
+    )
 
 
 def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path) -> None:

@@ -88,8 +88,8 @@ def run_sparsity_shots(
         ``work``'s own.
     """
     from .passes import annotate_groups
-    from .passes.curvature import annotate_curvature
     from .passes.sparsity import annotate_masks, apply_masks_, apply_sparsegpt_, sparse_layers
+    from .shots import sweep_curvature
 
     pattern = parse_sparsity(cfg.sparsity)
     name = cfg.sparsity
@@ -106,16 +106,7 @@ def run_sparsity_shots(
         t0 = time.perf_counter()
         fraction = t / cfg.shots
         if cfg.method != "magnitude":
-            kw = {"precision": cfg.precision} if getattr(cfg, "precision", "fp32") != "fp32" else {}
-            annotate_curvature(
-                gm,
-                calibration,
-                fisher=cfg.fisher,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed + t,
-                progress=progress,
-                **kw,
-            )
+            sweep_curvature(gm, calibration, cfg, t, progress=progress)
         if cfg.method == "sparsegpt":
             apply_sparsegpt_(gm, pattern, ratio=target, fraction=fraction, prior=prior)
         else:
