@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -43,9 +44,9 @@ def tokens(args, tok):
     return calib[: args.calib_n, : args.calib_len], ev[: args.eval_windows] if args.eval_windows else ev
 
 
-def speed(model, calib, device, precision: str = "fp32") -> dict:
+def speed(model, calib, device, precision: str = "fp32", batch_size: int = 1) -> dict:
     """Seconds for one curvature sweep vs a bare forward+backward (parameter gradients) over ``calib``,
-    both in the same arithmetic (``precision``: fp32 or tf32)."""
+    both in the same arithmetic (``precision``: fp32 or tf32) and with ``batch_size`` windows per pass."""
     import torch.nn.functional as F
     from surgeon_fx.passes import annotate_groups
     from surgeon_fx.passes.curvature import annotate_curvature, sweep_precision
@@ -56,20 +57,20 @@ def speed(model, calib, device, precision: str = "fp32") -> dict:
 
     gm = sf.trace(model)
     annotate_groups(gm)
-    annotate_curvature(gm, calib[:2], progress=False, precision=precision)  # warm-up
+    annotate_curvature(gm, calib[:batch_size], progress=False, precision=precision, batch_size=batch_size)  # warm-up
     sync()
     t = time.perf_counter()
-    annotate_curvature(gm, calib, progress=False, precision=precision)
+    annotate_curvature(gm, calib, progress=False, precision=precision, batch_size=batch_size)
     sync()
     sweep = time.perf_counter() - t
     for p in model.parameters():
         p.requires_grad_(True)
     with sweep_precision(precision, device):
-        model(input_ids=calib[:1].to(device), use_cache=False).logits.float().sum().backward()  # warm-up
+        model(input_ids=calib[:batch_size].to(device), use_cache=False).logits.float().sum().backward()  # warm-up
     sync()
     t = time.perf_counter()
-    for i in range(len(calib)):
-        ids = calib[i : i + 1].to(device)
+    for i in range(0, len(calib), batch_size):
+        ids = calib[i : i + batch_size].to(device)
         with sweep_precision(precision, device):
             logits = model(input_ids=ids, use_cache=False).logits.float()
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
@@ -86,6 +87,7 @@ def speed(model, calib, device, precision: str = "fp32") -> dict:
         "ratio": sweep / bare,
         "windows": len(calib),
         "seq_len": calib.shape[1],
+        "batch_size": batch_size,
     }
 
 
@@ -105,9 +107,10 @@ def main() -> int:
     ap.add_argument("--eval-len", type=int, default=2048), ap.add_argument("--eval-windows", type=int, default=0)
     ap.add_argument("--wikitext", default=os.environ.get("SURGEON_FX_WIKITEXT"))
     ap.add_argument("--fisher", default="empirical"), ap.add_argument("--damping", type=float, default=0.01)
+    ap.add_argument("--batch-size", type=int, default=1, help="calibration windows per curvature forward/backward")
     ap.add_argument("--kinds", default="heads,mlp,residual")
     ap.add_argument("--update", default="columns", choices=("none", "columns", "rows", "both"))
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32"), help="curvature sweep arithmetic")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "mixed"), help="curvature sweep arithmetic")
     ap.add_argument("--speed", default="", help="time a curvature sweep against a bare fwd+bwd in these precisions")
     ap.add_argument("--speed-only", action="store_true", help="skip the quality table (with --speed)")
     ap.add_argument("--save-tokens", default=None, help="write calib.pt and eval.pt to this folder and exit")
@@ -146,12 +149,13 @@ def main() -> int:
     if args.speed:
         result["speed"] = []
         for prec in args.speed.split(","):
-            result["speed"].append(speed(model, calib, device, prec))
+            result["speed"].append(speed(model, calib, device, prec, args.batch_size))
             print("speed", result["speed"][-1], flush=True)
             save(out, result)
     for method in [] if args.speed_only else args.methods.split(","):
         rows = {}
         timing = None
+        shot_log: list[str] = []
         t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -186,13 +190,26 @@ def main() -> int:
             shots = steps * args.shots_per_step
             pending = list(targets)
 
-            def on_shot(shot, m, plan, rows=rows, pending=pending, method=method, t0=t0):
+            eval_s = [0.0]
+
+            def on_shot(shot, m, plan, rows=rows, pending=pending, method=method, t0=t0, log=shot_log, ev_s=eval_s):
                 while pending and plan.linear_after <= pending[0] * plan.linear_before + 1:
                     keep = pending.pop(0)
-                    rows[keep] = _row(m, ev, time.perf_counter() - t0, plan, shot)
+                    te = time.perf_counter()
+                    rows[keep] = _row(m, ev, te - t0, plan, shot)
+                    rows[keep]["compress_s"] = te - t0 - ev_s[0]  # wall time without the evaluations
+                    ev_s[0] += time.perf_counter() - te
                     print(method, keep, rows[keep], flush=True)
-                    result["methods"][method] = {"rows": {str(k): v for k, v in rows.items()}, "partial": True}
+                    result["methods"][method] = {
+                        "rows": {str(k): v for k, v in rows.items()},
+                        "partial": True,
+                        "shot_log": log,
+                    }
                     save(out, result)
+
+            handler = _ShotLog(shot_log)
+            logging.getLogger("surgeon_fx").addHandler(handler)
+            logging.getLogger("surgeon_fx").setLevel(logging.INFO)
 
             # variants: "surgeon:noupdate" (costs only), "surgeon:d0.1" (damping 0.1), "surgeon:true" (true
             # Fisher), "surgeon:s4" (4 shots per 10%), "surgeon:nores" (no residual channels), "surgeon:all"
@@ -204,6 +221,7 @@ def main() -> int:
                 "fisher": args.fisher,
                 "precision": args.precision,
                 "kinds": kinds,
+                "batch_size": args.batch_size,
             }
             for o in opts:
                 if o.startswith("d"):
@@ -218,7 +236,7 @@ def main() -> int:
                     extra["sides"] = o
                 elif o == "nores":
                     extra["kinds"] = tuple(k for k in kinds if k != "residual")
-                elif o in ("tf32", "fp32"):
+                elif o in ("tf32", "fp32", "mixed"):
                     extra["precision"] = o
             small = sf.compress(
                 model,
@@ -231,6 +249,7 @@ def main() -> int:
                 on_shot=on_shot,
                 **extra,
             )
+            logging.getLogger("surgeon_fx").removeHandler(handler)
             timings = getattr(small, "surgeon_fx_timings", None)
             if timings:
                 stages = {k: sum(t.get(k, 0.0) for t in timings) / len(timings) for k in timings[0]}
@@ -242,6 +261,7 @@ def main() -> int:
             "total_s": time.perf_counter() - t0,
             "peak_gpu_gb": peak,
             "timing": timing,
+            "shot_log": shot_log,
         }
         save(out, result)
     result["versions"] = versions()
@@ -249,6 +269,20 @@ def main() -> int:
     save(out, result)
     print(markdown(result))
     return 0
+
+
+class _ShotLog(logging.Handler):
+    """Keeps the per-shot log lines (stage timings) so a cut-short run still has them."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("shot "):
+            self.lines.append(msg)
+            print(msg, flush=True)
 
 
 def save(out: Path, result: dict) -> None:

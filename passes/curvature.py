@@ -144,10 +144,10 @@ def find_layers(gm: fx.GraphModule) -> dict[str, tuple[Layer, fx.Node]]:
 
 
 @contextlib.contextmanager
-def _fp32():
-    """Full float32 products for the factors, whatever the sweep's precision."""
+def _factor_precision(precision: str):
+    """The arithmetic of the factor products: full float32, or TF32 products with float32 sums."""
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "mixed")
     try:
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             yield
@@ -158,9 +158,10 @@ def _fp32():
 class _Sweep:
     """Accumulates the factors while the instrumented graph runs forward and backward."""
 
-    def __init__(self, curv: Curvature, max_dense: int):
+    def __init__(self, curv: Curvature, max_dense: int, precision: str = "fp32"):
         self.curv = curv
         self.max_dense = max_dense
+        self.precision = precision
         self.leaves: list[torch.Tensor] = []
         self._seen: set[str] = set()
 
@@ -177,7 +178,7 @@ class _Sweep:
         return y
 
     def _acc_a(self, lay: Layer, x: torch.Tensor) -> None:
-        with _fp32():
+        with _factor_precision(self.precision):
             self._acc_a_fp32(lay, x)
 
     def _acc_a_fp32(self, lay: Layer, x: torch.Tensor) -> None:
@@ -194,13 +195,33 @@ class _Sweep:
         self.curv.a[lay.a_key] = upd if a is None else a.add_(upd)
 
     def _acc_g(self, lay: Layer, g: torch.Tensor) -> None:
-        with _fp32():
+        with _factor_precision(self.precision):
             self._acc_g_fp32(lay, g)
 
     def _acc_g_fp32(self, lay: Layer, g: torch.Tensor) -> None:
         gf = g.detach().reshape(-1, g.shape[-1]).float()
         upd = (gf * gf).sum(0) if lay.rows > self.max_dense else gf.T @ gf
         lay.g = upd if lay.g is None else lay.g.add_(upd)
+
+
+PRECISIONS = ("fp32", "tf32", "mixed")
+"""Sweep arithmetic: full float32; TF32 matmuls (CUDA); TF32 matmuls plus bfloat16 attention."""
+
+
+def _sdpa_bf16(q, k, v, attn_mask=None, *args, **kwargs):
+    """``aten.scaled_dot_product_attention`` with its core in bfloat16 and float32 in and out.
+
+    The attention kernels have no TF32 path: in float32 they are the memory-efficient kernel
+    without tensor cores, most of the sweep's GPU time on SmolLM2 at 2048 tokens (profile in
+    ``benchmarks/profile_sweep.py``). In bfloat16 they run the flash / tensor-core kernels.
+    """
+    dtype = q.dtype
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(torch.bfloat16)
+    out = torch.ops.aten.scaled_dot_product_attention.default(
+        q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), attn_mask, *args, **kwargs
+    )
+    return out.to(dtype)
 
 
 def _instrument(gm: fx.GraphModule, found: dict, sweep: _Sweep) -> fx.GraphModule:
@@ -216,6 +237,12 @@ def _instrument(gm: fx.GraphModule, found: dict, sweep: _Sweep) -> fx.GraphModul
         with graph.inserting_after(y):
             t = graph.call_function(sweep.tap, (name, env[x], y))
         y.replace_all_uses_with(t, delete_user_cb=lambda u, t=t: u is not t)
+    if sweep.precision == "mixed":  # a graph rewrite: only the sweep's copy computes attention in bf16
+        for n in graph.nodes:
+            if n.op == "call_function" and getattr(n.target, "overloadpacket", None) is (
+                torch.ops.aten.scaled_dot_product_attention
+            ):
+                n.target = _sdpa_bf16
     return fx.GraphModule(gm, graph)
 
 
@@ -240,9 +267,13 @@ def annotate_curvature(
         batch_size: windows per forward/backward.
         seed: seed of the sampled labels.
         max_dense: factors with more rows than this are kept diagonal.
-        precision: arithmetic of the forward/backward: ``"fp32"``, ``"tf32"`` (TensorFloat-32
-            matmuls and convolutions on CUDA). The factors
-            always accumulate in float32 from float32 copies of the activations and gradients.
+        precision: arithmetic of the forward/backward and of the factor products: ``"fp32"``,
+            ``"tf32"`` (TensorFloat-32 matmuls and convolutions on CUDA; no effect on CPU), or
+            ``"mixed"`` (``"tf32"`` plus the core of every ``scaled_dot_product_attention`` in
+            bfloat16, on any device; its inputs and output stay float32). The factors always
+            accumulate in float32 buffers from float32 copies of the activations and gradients;
+            under ``"tf32"``/``"mixed"`` each batch's product ``X^T X`` rounds its inputs to TF32
+            (10-bit mantissa).
         progress: show a progress bar.
 
     Raises:
@@ -250,8 +281,8 @@ def annotate_curvature(
     """
     if fisher not in ("empirical", "true"):
         raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
-    if precision not in ("fp32", "tf32"):
-        raise ValueError(f"precision must be 'fp32' or 'tf32', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             "windows must be an (N, L) int64 tensor of token ids (see surgeon_fx.data.calibration_windows)"
@@ -260,7 +291,7 @@ def annotate_curvature(
         raise ValueError(f"need at least one calibration window of >= 2 tokens, got shape {tuple(windows.shape)}")
     found = find_layers(gm)
     curv = Curvature({k: lay for k, (lay, _) in found.items()}, fisher=fisher)
-    sweep = _Sweep(curv, max_dense)
+    sweep = _Sweep(curv, max_dense, precision)
     inst = _instrument(gm, found, sweep)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     rank, world = _dist_info()
@@ -338,12 +369,13 @@ def _all_reduce_(curv: Curvature, max_dense: int, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def sweep_precision(precision: str, device: torch.device):
-    """The arithmetic of a forward/backward: fp32, or TF32 matmuls and convolutions on CUDA.
+    """The arithmetic of a forward/backward: fp32, or TF32 matmuls and convolutions on CUDA
+    (``"tf32"`` and ``"mixed"``; the bfloat16 attention of ``"mixed"`` is a graph rewrite).
 
     (bfloat16 autocast is not offered: on CUDA an op of the exported Llama graph rejected mixed
     float/bfloat16 inputs under autocast; see the session notes of issue 3.)
     """
-    if precision == "tf32" and device.type == "cuda":
+    if precision in ("tf32", "mixed") and device.type == "cuda":
         old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         try:

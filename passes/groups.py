@@ -161,8 +161,9 @@ def annotate_groups(gm: fx.GraphModule, *, rules: dict | None = None, on_unknown
                 approx[int(lab)].append(reason)
 
     head_labels = {int(x) for sl in ctx.heads for x in np.unique(label[sl])}
+    frozen_labels = np.fromiter(frozen, dtype=label.dtype, count=len(frozen))
     # atoms: component label -> [(param, axis, indices)]
-    atoms: dict[int, list[tuple[str, int, np.ndarray]]] = defaultdict(list)
+    atoms: dict[int, list[tuple[str, int, tuple[int, ...]]]] = defaultdict(list)
     numel: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     order: dict[str, int] = {}
@@ -177,11 +178,12 @@ def annotate_groups(gm: fx.GraphModule, *, rules: dict | None = None, on_unknown
             if sp is None:
                 continue
             labs = label[sp[0] : sp[0] + sp[1]]
-            srt = np.argsort(labs, kind="stable")
+            pos = np.flatnonzero(~np.isin(labs, frozen_labels))  # frozen slots form no atoms
+            srt = pos[np.argsort(labs[pos], kind="stable")]  # stable: indices ascend within a label
             uniq, starts = np.unique(labs[srt], return_index=True)
-            for lab, idx in zip(uniq, np.split(srt, starts[1:])):
-                if int(lab) not in frozen:
-                    atoms[int(lab)].append((fqn, ax, np.sort(idx)))
+            flat, bounds = srt.tolist(), [*starts.tolist(), len(srt)]
+            for k, lab in enumerate(uniq.tolist()):
+                atoms[lab].append((fqn, ax, tuple(flat[bounds[k] : bounds[k + 1]])))
 
     by_sig: dict[tuple, list[int]] = defaultdict(list)
     for lab, mem in atoms.items():
@@ -191,11 +193,8 @@ def annotate_groups(gm: fx.GraphModule, *, rules: dict | None = None, on_unknown
     groups = []
     names: set[str] = set()
     for sig, labs in sorted(by_sig.items(), key=lambda kv: (order[kv[0][0][0]], kv[0][0][1])):
-        labs.sort(key=lambda lab: int(atoms[lab][0][2][0]))
-        members = tuple(
-            Member(p, ax, tuple(tuple(int(i) for i in atoms[lab][k][2]) for lab in labs))
-            for k, (p, ax, _) in enumerate(sig)
-        )
+        labs.sort(key=lambda lab: atoms[lab][0][2][0])
+        members = tuple(Member(p, ax, tuple(atoms[lab][k][2] for lab in labs)) for k, (p, ax, _) in enumerate(sig))
         if any(p in embedding_weights for p, _, _ in sig):
             kind = "residual"
         elif labs[0] in head_labels:

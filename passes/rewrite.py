@@ -25,7 +25,7 @@ from torch import fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from surgeon_fx.ir import Analysis, Plan
-from surgeon_fx.keys import GROUPS, PLAN, SCORES, SurgeonError
+from surgeon_fx.keys import CURVATURE, GROUPS, MASKS, PLAN, SCORES, SurgeonError
 
 from .groups import get_groups
 
@@ -216,8 +216,8 @@ def apply_plan(
 
     Returns:
         A new ``GraphModule`` with sliced parameters, retargeted shape constants and fresh
-        ``meta['val']``; its ``meta`` keeps the trace info (groups, scores and plan are dropped since
-        they describe the old graph).
+        ``meta['val']``; its ``meta`` keeps the trace info (groups, curvature, scores, masks and plan
+        are dropped since they describe the old graph).
 
     Raises:
         KeyError / ValueError: the plan does not fit the graph.
@@ -231,10 +231,12 @@ def apply_plan(
     gone = removed_labels(gm, analysis, plan)
     # parameters about to be sliced are not cloned: the copy gets new tensors for them below
     memo = {id(gm.get_parameter(analysis.param_targets[p])): None for p in plan.keep}
+    # the analyses describe the old graph and are dropped from the copy: never deep-copy them
+    memo.update({id(gm.meta[k]): None for k in (GROUPS, SCORES, PLAN, CURVATURE, MASKS) if k in gm.meta})
     with warnings.catch_warnings():  # torch's pytree deprecation noise when copying export specs
         warnings.simplefilter("ignore", FutureWarning)
         new = _copy(gm, memo)
-    for key in (GROUPS, SCORES, PLAN):
+    for key in (GROUPS, SCORES, PLAN, CURVATURE, MASKS):
         new.meta.pop(key, None)
     if not gone.any():
         return new

@@ -25,7 +25,7 @@ the diagonal baselines K-OBD (1/2 W^2 G_rr A_cc) and L-OBD (1/2 W^2 A_cc), both 
 matrix scored and updated on their own, masked to zero, not coupled, no tensor shrinks;
 :mod:`surgeon_fx.published`), the reference the coupled ``"surgeon"`` is measured against."""
 CURVATURE_METHODS = ("surgeon", "kobd", "lobd", "published")
-PRECISIONS = ("fp32", "tf32")
+PRECISIONS = ("fp32", "tf32", "mixed")
 SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
 """Methods for ``sparsity=``: the Surgeon's element costs with correlated OBS updates, per-layer
 magnitude, Wanda (|W| * input norm per output row) and SparseGPT (layer-wise OBS, column by column)."""
@@ -54,9 +54,10 @@ class CompressConfig:
         fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the model).
         damping: K-FAC damping relative to each factor's mean diagonal.
         batch_size: calibration windows per forward/backward of the curvature sweep.
-        precision: arithmetic of the curvature sweep's forward/backward: ``"fp32"``, ``"tf32"``
-            (TensorFloat-32 matmuls on CUDA); factors always accumulate
-            in float32 and inverses are float64.
+        precision: arithmetic of the curvature sweep: ``"fp32"``, ``"tf32"`` (TensorFloat-32
+            matmuls on CUDA for the forward/backward and the factor products) or ``"mixed"``
+            (``"tf32"`` plus attention cores in bfloat16); factors always accumulate in float32
+            buffers and inverses are float64. The model's own weights and arithmetic are untouched.
         update: which second-order (OBS) updates ``"surgeon"`` applies to the remaining weights:
             ``"columns"`` (default: consumers compensate a removed input from correlated inputs),
             ``"rows"``, ``"both"`` or ``"none"``; costs of uncompensated sides assume fixed weights.

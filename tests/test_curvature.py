@@ -55,6 +55,45 @@ def test_factors_match_brute_force(family):
     assert curv.tokens == 36
 
 
+def test_mixed_precision_rewrites_attention_to_bf16_and_keeps_factors_close(monkeypatch):
+    """precision="mixed" swaps every attention op of the sweep's graph copy for a bfloat16 one
+    (counted through a spy), leaves the model's own graph alone, and the factors stay within
+    bfloat16 rounding of the float32 sweep."""
+    from surgeon_fx.passes import curvature as cv
+
+    m = tiny_model("llama")
+    windows = ids(2, 16, seed=3)
+    gm = sf.trace(m)
+    annotate_groups(gm)
+    code = gm.code
+    annotate_curvature(gm, windows, progress=False)
+    ref = get_curvature(gm)
+    ref_a = {k: v.clone() for k, v in ref.a.items()}
+    ref_g = {k: lay.g.clone() for k, lay in ref.layers.items()}
+    calls = []
+    real = cv._sdpa_bf16
+
+    def spy(q, *args, **kwargs):
+        calls.append(q.dtype)
+        out = real(q, *args, **kwargs)
+        assert out.dtype == q.dtype
+        return out
+
+    monkeypatch.setattr(cv, "_sdpa_bf16", spy)
+    annotate_curvature(gm, windows, progress=False, precision="mixed")
+    n_attn = sum(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
+    assert n_attn == m.config.num_hidden_layers
+    assert calls == [torch.float32] * (len(windows) * n_attn)  # one batch per window
+    assert gm.code == code
+    curv = get_curvature(gm)
+    for k, a in ref_a.items():
+        torch.testing.assert_close(curv.a[k], a, rtol=0.05, atol=0.05 * float(a.abs().max()))
+    for k, g in ref_g.items():
+        torch.testing.assert_close(curv.layers[k].g, g, rtol=0.05, atol=0.05 * float(g.abs().max()))
+    with pytest.raises(ValueError, match="precision"):
+        annotate_curvature(gm, windows, progress=False, precision="bf16")
+
+
 def test_analysis_only_passes_leave_code_and_weights_unchanged():
     m = tiny_model("qwen2")
     gm = sf.trace(m)
