@@ -86,6 +86,10 @@ class Curvature:
     fisher: str = "empirical"
     inverses: dict = field(default_factory=dict, repr=False)
     """Damped inverses computed from these factors, by (side, key, damping); shared by the passes."""
+    collected: set[str] = field(default_factory=set)
+    """Names of the layers whose factors were collected (all of them unless swept block by block)."""
+    cache_bytes: int | None = None
+    """Most bytes ``inverses`` may hold (``None``: no bound); beyond it inverses are recomputed."""
 
     def roles(self) -> dict[tuple[str, int], list[tuple[Layer, str]]]:
         """``(param FQN, axis) -> [(layer, "row" | "col")]``: where each parameter axis enters a layer."""
@@ -158,22 +162,24 @@ def _factor_precision(precision: str):
 class _Sweep:
     """Accumulates the factors while the instrumented graph runs forward and backward."""
 
-    def __init__(self, curv: Curvature, max_dense: int, precision: str = "fp32"):
+    def __init__(self, curv: Curvature, max_dense: int, precision: str = "fp32", collect=None):
         self.curv = curv
         self.max_dense = max_dense
         self.precision = precision
+        self.collect = set(curv.layers) if collect is None else set(collect)
         self.leaves: list[torch.Tensor] = []
         self._seen: set[str] = set()
 
     def tap(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lay = self.curv.layers[key]
-        if lay.a_key not in self._seen:  # shared inputs: accumulate A once per batch
+        mine = key in self.collect
+        if mine and lay.a_key not in self._seen:  # shared inputs: accumulate A once per batch
             self._seen.add(lay.a_key)
             self._acc_a(lay, x)
-        if lay.layout == "embedding":
+        if lay.layout == "embedding":  # the backward starts here, collected or not: no weight gradients
             y = y.detach().requires_grad_(True)
             self.leaves.append(y)
-        if y.requires_grad:
+        if mine and y.requires_grad:
             y.register_hook(lambda g, lay=lay: self._acc_g(lay, g))
         return y
 
@@ -256,6 +262,7 @@ def annotate_curvature(
     max_dense: int = 8192,
     precision: str = "fp32",
     progress: bool = True,
+    layers: Iterable[str] | None = None,
 ) -> None:
     """Collect K-FAC factors over ``windows`` (int64 token ids, (N, L)) and store them on ``gm``.
 
@@ -275,9 +282,13 @@ def annotate_curvature(
             under ``"tf32"``/``"mixed"`` each batch's product ``X^T X`` rounds its inputs to TF32
             (10-bit mantissa).
         progress: show a progress bar.
+        layers: node names (see :func:`find_layers`) whose factors are collected; default all.
+            The others stay in ``Curvature.layers`` without factors (``collected`` says which
+            have them), so a caller can sweep block by block and merge (``shots`` does, under
+            ``max_memory``).
 
     Raises:
-        ValueError: bad windows or options.
+        ValueError: bad windows or options, or an unknown layer name.
     """
     if fisher not in ("empirical", "true"):
         raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
@@ -291,7 +302,12 @@ def annotate_curvature(
         raise ValueError(f"need at least one calibration window of >= 2 tokens, got shape {tuple(windows.shape)}")
     found = find_layers(gm)
     curv = Curvature({k: lay for k, (lay, _) in found.items()}, fisher=fisher)
-    sweep = _Sweep(curv, max_dense, precision)
+    collect = list(found) if layers is None else list(layers)
+    unknown = [k for k in collect if k not in found]
+    if unknown:
+        raise ValueError(f"layers {unknown[:3]} are not weight-carrying ops of this graph; see find_layers(gm)")
+    curv.collected = set(collect)
+    sweep = _Sweep(curv, max_dense, precision, collect)
     inst = _instrument(gm, found, sweep)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     rank, world = _dist_info()
@@ -327,13 +343,13 @@ def annotate_curvature(
     if world > 1:
         _all_reduce_(curv, max_dense, device)
     for k in curv.a:
-        curv.a[k] = curv.a[k] / curv.tokens
-    for lay in curv.layers.values():
+        curv.a[k].div_(curv.tokens)  # in place: no second copy of the factors at the peak
+    for lay in (curv.layers[k] for k in curv.collected):
         if lay.g is None:  # no gradient reached it: a dead layer costs nothing
             shape = (lay.rows,) if lay.rows > max_dense else (lay.rows, lay.rows)
             lay.g = torch.zeros(shape, device=device)
         else:
-            lay.g = lay.g / curv.tokens
+            lay.g.div_(curv.tokens)
     gm.meta[CURVATURE] = curv
 
 
@@ -350,7 +366,7 @@ def _all_reduce_(curv: Curvature, max_dense: int, device: torch.device) -> None:
     """Sum every factor and the token count over the ranks (in one fixed order on every rank)."""
     import torch.distributed as dist
 
-    for lay in curv.layers.values():  # a rank without batches has no factors yet
+    for lay in (curv.layers[k] for k in sorted(curv.collected)):  # a rank without batches has no factors yet
         if lay.a_key not in curv.a:
             side = lay.cols
             curv.a[lay.a_key] = torch.zeros(
@@ -360,7 +376,7 @@ def _all_reduce_(curv: Curvature, max_dense: int, device: torch.device) -> None:
             lay.g = torch.zeros((lay.rows,) if lay.rows > max_dense else (lay.rows, lay.rows), device=device)
     for k in sorted(curv.a):
         dist.all_reduce(curv.a[k])
-    for name in sorted(curv.layers):
+    for name in sorted(curv.collected):
         dist.all_reduce(curv.layers[name].g)
     tokens = torch.tensor([float(curv.tokens)], dtype=torch.float64, device=device)
     dist.all_reduce(tokens)

@@ -14,6 +14,8 @@ Methods: ``"surgeon"`` (full K-FAC costs, updates applied), ``"kobd"`` (diagonal
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from torch import fx
@@ -42,22 +44,30 @@ def layer_matrix(gm: fx.GraphModule, curv: Curvature, lay: Layer) -> torch.Tenso
 
 
 class _Inverses:
-    """Damped float64 inverses of a curvature's factors, computed once and kept on the curvature."""
+    """Damped float64 inverses of a curvature's factors, kept on the curvature while they fit.
+
+    ``curv.cache_bytes`` bounds the cache (``None``: no bound); an inverse that does not fit is
+    returned without being kept, and computed again when asked for again.
+    """
 
     def __init__(self, curv: Curvature, damping: float):
         self.curv, self.damping = curv, damping
 
+    def _get(self, key, factor: torch.Tensor) -> torch.Tensor:
+        inv = self.curv.inverses.get(key)
+        if inv is None:
+            inv = kfac.damped_inverse(factor, self.damping)
+            limit = self.curv.cache_bytes
+            used = sum(t.numel() * t.element_size() for t in self.curv.inverses.values())
+            if limit is None or used + inv.numel() * inv.element_size() <= limit:
+                self.curv.inverses[key] = inv
+        return inv
+
     def a_inv(self, lay: Layer) -> torch.Tensor:
-        key = ("a", lay.a_key, self.damping)
-        if key not in self.curv.inverses:
-            self.curv.inverses[key] = kfac.damped_inverse(self.curv.factor_a(lay), self.damping)
-        return self.curv.inverses[key]
+        return self._get(("a", lay.a_key, self.damping), self.curv.factor_a(lay))
 
     def g_inv(self, lay: Layer) -> torch.Tensor:
-        key = ("g", lay.node, self.damping)
-        if key not in self.curv.inverses:
-            self.curv.inverses[key] = kfac.damped_inverse(lay.g, self.damping)
-        return self.curv.inverses[key]
+        return self._get(("g", lay.node, self.damping), lay.g)
 
 
 def _diag(f: torch.Tensor) -> torch.Tensor:
@@ -108,6 +118,8 @@ def annotate_costs(
     damping: float = 0.01,
     update: str = "both",
     sides: str = "all",
+    layers: Iterable[str] | None = None,
+    accumulate: bool = False,
 ) -> None:
     """Score every atom by its curvature-based removal cost per parameter.
 
@@ -128,9 +140,14 @@ def annotate_costs(
         update: which sides the OBS update will compensate (``"none"``, ``"columns"``, ``"rows"``,
             ``"both"``); the costs of the other sides assume the remaining weights stay fixed.
         sides: ``"consumers"`` or ``"all"`` (see above).
+        layers: count only the member slices read by these layers (node names; default every
+            layer of the curvature). With ``accumulate=True`` the costs add to the scores already
+            stored, so per-block calls sum to the all-layer costs (K-FAC is block-diagonal).
+        accumulate: add to ``gm.meta[SCORES]`` instead of replacing it.
 
     Raises:
-        KeyError: groups or curvature missing. ValueError: unknown method.
+        KeyError: groups or curvature missing. ValueError: unknown method, or a layer of
+        ``layers`` whose factors were not collected.
     """
     if method not in COST_METHODS:
         raise ValueError(f"unknown cost method {method!r}; choose one of {COST_METHODS}")
@@ -140,6 +157,10 @@ def annotate_costs(
         raise ValueError(f"sides must be one of {SIDES}, got {sides!r}")
     analysis = get_groups(gm)
     curv = get_curvature(gm)
+    only = set(curv.collected if layers is None else layers)
+    missing = sorted(only - set(curv.collected))
+    if missing:
+        raise ValueError(f"no factors were collected for layers {missing[:3]}; sweep them first (annotate_curvature)")
     roles = curv.roles()
     inv = _Inverses(curv, damping)
     mats: dict[str, torch.Tensor] = {}
@@ -149,11 +170,17 @@ def annotate_costs(
         uses = [(mem, lay, role) for mem in g.members for lay, role in roles.get((mem.param, mem.axis), ())]
         if method == "surgeon" and sides == "consumers" and any(role == "col" for _, _, role in uses):
             uses = [u for u in uses if u[2] == "col"]
+        uses = [u for u in uses if u[1].node in only]
         for mem, lay, role in uses:
             if lay.node not in mats:
                 mats[lay.node] = layer_matrix(gm, curv, lay)
             cost += _role_costs(method, mats[lay.node], lay, role, mem.indices, curv, inv, update)
         values[g.name] = tuple(float(c) for c in np.maximum(cost, 0.0) / max(g.atom_numel, 1))
+    old = gm.meta.get(SCORES) if accumulate else None
+    if old is not None:
+        if old.method != method:
+            raise ValueError(f"cannot add {method!r} costs to stored {old.method!r} scores")
+        values = {k: tuple(a + b for a, b in zip(old.values[k], v)) for k, v in values.items()}
     gm.meta[SCORES] = Scores(method, values)
 
 

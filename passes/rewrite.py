@@ -203,7 +203,12 @@ ARG_RULES = {
 
 
 def apply_plan(
-    gm: fx.GraphModule, plan: Plan | None = None, *, check: bool = True, propagate: str = "resize"
+    gm: fx.GraphModule,
+    plan: Plan | None = None,
+    *,
+    check: bool = True,
+    propagate: str = "resize",
+    share: bool = False,
 ) -> fx.GraphModule:
     """Return a smaller copy of ``gm`` with everything ``plan`` removes physically deleted.
 
@@ -213,6 +218,8 @@ def apply_plan(
         check: run the new graph once on a small input to make sure it executes.
         propagate: how ``meta['val']`` is refreshed: ``"resize"`` (new shapes from the analysis,
             fast) or ``"fake"`` (re-run every op on fake tensors, ``FakeTensorProp``).
+        share: the copy reuses the parameters the plan does not slice instead of cloning them
+            (no second copy of a large model's untouched weights; the two graphs then alias them).
 
     Returns:
         A new ``GraphModule`` with sliced parameters, retargeted shape constants and fresh
@@ -230,7 +237,8 @@ def apply_plan(
             raise KeyError("no plan given and none stored on the graph; run annotate_plan first")
     gone = removed_labels(gm, analysis, plan)
     # parameters about to be sliced are not cloned: the copy gets new tensors for them below
-    memo = {id(gm.get_parameter(analysis.param_targets[p])): None for p in plan.keep}
+    memo = {id(p): p for p in gm.parameters()} if share else {}
+    memo.update({id(gm.get_parameter(analysis.param_targets[p])): None for p in plan.keep})
     # the analyses describe the old graph and are dropped from the copy: never deep-copy them
     memo.update({id(gm.meta[k]): None for k in (GROUPS, SCORES, PLAN, CURVATURE, MASKS) if k in gm.meta})
     with warnings.catch_warnings():  # torch's pytree deprecation noise when copying export specs
@@ -270,7 +278,7 @@ def apply_plan(
 
 
 def _copy(gm: fx.GraphModule, skip: dict[int, None]) -> fx.GraphModule:
-    """Deep copy of ``gm`` in which the parameters whose ids are in ``skip`` become ``None``."""
+    """Deep copy of ``gm``; ``skip`` maps ids of objects not to copy to what the copy uses instead."""
     return copy.deepcopy(gm, dict(skip))
 
 

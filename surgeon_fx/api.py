@@ -78,6 +78,14 @@ class CompressConfig:
             weights at once (chunks of rows; memory ``8 * chunk_size^2`` bytes, time ``~chunk_size^2``).
         sparsity_scope: ``"surgeon"`` sparsity: ``"global"`` (one cost threshold over all layers, as
             the paper) or ``"layer"`` (the same sparsity in every layer, costs rank within a layer).
+        max_memory: bound on the curvature state of a structured ``"surgeon"`` / ``"kobd"`` /
+            ``"lobd"`` shot (bytes, or a string such as ``"40GB"``): the float32 K-FAC factors
+            alive at once plus the cached float64 inverses. ``None`` (default): every factor of the
+            model at once, one sweep per shot. Otherwise every layer's input factor ``A`` is kept
+            and the output factors ``G`` are collected block by block (contiguous layers), one
+            forward/backward sweep per block, each block's costs computed and its ``G`` freed
+            before the next (:func:`surgeon_fx.shots.curvature_blocks`); inverses are cached only
+            within what is left. The model and one batch's activations come on top of it.
     """
 
     ratio: float
@@ -103,6 +111,7 @@ class CompressConfig:
     sparsity_ratio: float | None = None
     chunk_size: int = 1024
     sparsity_scope: str = "global"
+    max_memory: int | str | None = None
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -185,6 +194,40 @@ class CompressConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "max_memory"))
+            if self.method not in ("surgeon", "kobd", "lobd") or self.sparsity is not None:
+                raise ValueError(
+                    "max_memory bounds the curvature of structured 'surgeon' / 'kobd' / 'lobd' runs; "
+                    f"it is not supported with method={self.method!r}, sparsity={self.sparsity!r}"
+                )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_bytes(value: int | str, name: str = "size") -> int:
+    """Bytes from an int or a string such as ``"40GB"``, ``"512 MiB"`` or ``"1.5e9"``.
+
+    Raises:
+        ValueError: not a positive size, naming ``name``.
+    """
+    import re
+
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number of bytes or a string like '40GB', got {value!r}")
+    if isinstance(value, (int, float)):
+        num = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"{name} must be a number of bytes or a string like '40GB' or '512MiB', got {value!r}")
+        num = float(m.group(1)) * _UNITS[unit]
+    if not num > 0:
+        raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
+    return int(num)
 
 
 def check_model(model: nn.Module) -> None:

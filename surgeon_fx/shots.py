@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from .ir import Plan
 from .keys import CURVATURE, PLAN, SCORES, SOURCE
 from .tracing import trace
 
-__all__ = ["run_shots", "compose_plans", "share_parameters_", "sweep_curvature"]
+__all__ = [
+    "run_shots",
+    "compose_plans",
+    "share_parameters_",
+    "sweep_curvature",
+    "curvature_blocks",
+    "curvature_and_costs",
+]
 
 log = logging.getLogger("surgeon_fx")
 
@@ -75,7 +83,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
     from .passes.norms import rescale_norms_
-    from .passes.obs import annotate_costs, apply_obs_updates_
+    from .passes.obs import apply_obs_updates_
 
     gm = trace(work)
     prefix = gm.meta[SOURCE].prefix
@@ -88,6 +96,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
     if ckpt is not None and (ckpt / "state.json").exists():
         composed, start_shot, gm = _resume(work, ckpt, cfg)
     timings: list[dict[str, float]] = []
+    work._surgeon_fx_timings = timings  # grows shot by shot (readable from on_shot)
     bar = tqdm(range(start_shot, cfg.shots + 1), desc="shots", disable=not progress)
     for t in bar:
         t0 = time.perf_counter()
@@ -101,10 +110,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             annotate_scores(gm, method="magnitude")
             clock("scores")
         else:
-            sweep_curvature(gm, calibration, cfg, t, progress=progress)
-            clock("curvature")
-            annotate_costs(gm, method=cfg.method, damping=cfg.damping, update=cfg.update, sides=cfg.sides)
-            clock("costs")
+            curvature_and_costs(gm, calibration, cfg, t, progress=progress, clock=clock)
         if cfg.uniform:
             from .passes.uniform import make_uniform_plan
 
@@ -133,7 +139,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         if cfg.rescale_norms:
             rescale_norms_(gm, plan)
         gm.meta.pop(CURVATURE, None)  # free the factors (and their inverses) before the rewrite
-        new = apply_plan(gm, plan)
+        new = apply_plan(gm, plan, share=True)  # untouched weights are not cloned: shared with `work` below
         clock("rewrite")
         if cfg.output == "module" or t < cfg.shots:
             apply_plan_to_module_(work, plan, old=gm, new=new)
@@ -191,7 +197,9 @@ class _Clock:
         return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
 
 
-def sweep_curvature(gm: fx.GraphModule, calibration: torch.Tensor, cfg, shot: int, *, progress: bool = True) -> None:
+def sweep_curvature(
+    gm: fx.GraphModule, calibration: torch.Tensor, cfg, shot: int, *, progress: bool = True, layers=None
+) -> None:
     """``annotate_curvature`` with the config's sweep options; labels seeded by ``cfg.seed + shot``."""
     from .passes.curvature import annotate_curvature
 
@@ -203,7 +211,126 @@ def sweep_curvature(gm: fx.GraphModule, calibration: torch.Tensor, cfg, shot: in
         seed=cfg.seed + shot,
         precision=cfg.precision,
         progress=progress,
+        layers=layers,
     )
+
+
+def _factor_bytes(lay, max_dense: int = 8192) -> tuple[int, int]:
+    """float32 bytes of a layer's ``A`` and ``G`` as the sweep stores them (large sides diagonal)."""
+    a = lay.cols if lay.cols > max_dense or lay.layout == "embedding" else lay.cols**2
+    g = lay.rows if lay.rows > max_dense else lay.rows**2
+    return 4 * a, 4 * g
+
+
+def curvature_blocks(gm: fx.GraphModule, max_memory: int | None, *, keep_g: bool = False, max_dense: int = 8192):
+    """Split the layers into contiguous blocks whose curvature fits ``max_memory`` bytes.
+
+    Every layer's ``A`` stays alive (the column update needs it after the plan); the ``G`` of one
+    block at a time (of all blocks with ``keep_g``, for row updates), plus room for the float64
+    inverse of the largest dense factor. Returns ``(blocks, cache_bytes)``: lists of layer names
+    in graph order, and the bytes left for cached inverses (``None``: no bound).
+
+    Raises:
+        ValueError: ``max_memory`` cannot hold even the ``A`` factors and one layer's ``G``,
+            naming the least that would do.
+    """
+    from .passes.curvature import find_layers
+
+    layers = [lay for lay, _ in find_layers(gm).values()]
+    if max_memory is None:
+        return [[lay.node for lay in layers]], None
+    a_bytes: dict[str, int] = {}
+    g_bytes: dict[str, int] = {}
+    side = 0
+    for lay in layers:
+        a, g = _factor_bytes(lay, max_dense)
+        a_bytes[lay.a_key], g_bytes[lay.node] = a, g
+        dense_sides = [n for n, nbytes in ((lay.cols, a), (lay.rows, g)) if nbytes == 4 * n * n]
+        side = max([side, *dense_sides])
+    transient = 32 * side * side  # float64 copy, damped matrix, Cholesky factor and inverse
+    fixed = sum(a_bytes.values()) + transient + (sum(g_bytes.values()) if keep_g else 0)
+    room = max_memory - fixed
+    biggest = 0 if keep_g else max(g_bytes.values(), default=0)
+    if room < biggest:
+        raise ValueError(
+            f"max_memory={_mb(max_memory)} cannot hold this model's curvature: the input factors A "
+            f"take {_mb(sum(a_bytes.values()))}, the largest output factor G {_mb(biggest)} and an inverse "
+            f"{_mb(transient)}; pass at least max_memory='{_mb(fixed + biggest, up=True).replace(' ', '')}'"
+        )
+    if keep_g:
+        return [[lay.node for lay in layers]], room
+    blocks: list[list[str]] = [[]]
+    used = 0
+    for lay in layers:
+        if blocks[-1] and used + g_bytes[lay.node] > room:
+            blocks.append([])
+            used = 0
+        blocks[-1].append(lay.node)
+        used += g_bytes[lay.node]
+    peak = max(sum(g_bytes[n] for n in b) for b in blocks)
+    return blocks, room - peak
+
+
+def _mb(n: int, up: bool = False) -> str:
+    """Bytes as megabytes with two decimals (rounded up with ``up``), e.g. ``'1234.57 MB'``."""
+    v = n / 1e6
+    return f"{math.ceil(v * 100) / 100 if up else v:.2f} MB"
+
+
+def curvature_and_costs(gm: fx.GraphModule, calibration, cfg, shot: int, *, progress: bool = True, clock=None):
+    """The curvature sweep(s) and ``annotate_costs`` of one shot, block by block under ``cfg.max_memory``.
+
+    With one block this is ``sweep_curvature`` then ``annotate_costs``. With several, block ``b``'s
+    sweep collects the factors of its layers only, its costs add to the scores, and its ``G``
+    factors are freed (kept for row updates); the merged curvature (every ``A``) stays on ``gm``
+    for the OBS update. K-FAC is block-diagonal across layers, so the scores and the plan equal
+    those of one sweep (up to float summation order).
+    """
+    from .keys import CURVATURE
+    from .passes.curvature import get_curvature
+    from .passes.obs import annotate_costs
+
+    keep_g = cfg.update in ("rows", "both") and cfg.method == "surgeon"
+    blocks, cache = curvature_blocks(gm, getattr(cfg, "max_memory", None), keep_g=keep_g)
+    if len(blocks) > 1:
+        log.info(
+            "shot %d: curvature in %d blocks of layers to stay within max_memory=%s",
+            shot,
+            len(blocks),
+            _mb(cfg.max_memory),
+        )
+    merged = None
+    for b, names in enumerate(blocks):
+        sweep_curvature(gm, calibration, cfg, shot, progress=progress, layers=None if len(blocks) == 1 else names)
+        curv = get_curvature(gm)
+        if merged is None:
+            merged = curv
+            merged.cache_bytes = cache
+        else:
+            for name in names:
+                lay = curv.layers[name]
+                merged.layers[name].g = lay.g
+                merged.a.setdefault(lay.a_key, curv.a[lay.a_key])
+            merged.collected |= set(names)
+            gm.meta[CURVATURE] = merged
+        if clock is not None:
+            clock("curvature")
+        annotate_costs(
+            gm,
+            method=cfg.method,
+            damping=cfg.damping,
+            update=cfg.update,
+            sides=cfg.sides,
+            layers=None if len(blocks) == 1 else names,
+            accumulate=b > 0,
+        )
+        if len(blocks) > 1 and not keep_g:
+            for name in names:
+                merged.layers[name].g = None
+            for key in [k for k in merged.inverses if k[0] == "g"]:
+                del merged.inverses[key]
+        if clock is not None:
+            clock("costs")
 
 
 def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path) -> None:

@@ -173,3 +173,61 @@ def test_calibration_errors_are_clear():
         sf.compress(m, 0.2, calibration=torch.full((2, 8), 10_000, dtype=torch.long))
     with pytest.raises(ValueError, match="2-D int64"):
         sf.compress(m, 0.2, calibration=torch.zeros(2, 8))
+
+
+def _smallest_budget(gm) -> tuple[int, list]:
+    """The least max_memory (bytes) ``curvature_blocks`` accepts for ``gm``, and its blocks."""
+    from surgeon_fx.shots import curvature_blocks
+
+    lo, hi = 1, 1 << 34
+    assert len(curvature_blocks(gm, hi)[0]) == 1
+    while hi - lo > 1:  # bisection on feasibility
+        mid = (lo + hi) // 2
+        try:
+            curvature_blocks(gm, mid)
+            hi = mid
+        except ValueError:
+            lo = mid
+    return hi, curvature_blocks(gm, hi)[0]
+
+
+@pytest.mark.parametrize("method", ["surgeon", "kobd"])
+def test_max_memory_blocks_give_the_same_plan_and_weights(method):
+    """Curvature swept block by block under max_memory (several sweeps, G freed per block, no
+    inverse cache) equals the one-sweep run: K-FAC is block-diagonal across layers."""
+    from surgeon_fx.shots import curvature_blocks
+
+    m = tiny_model("llama")
+    gm = sf.trace(m)
+    annotate_groups(gm)
+    budget, blocks = _smallest_budget(gm)
+    assert len(blocks) >= 3
+    assert [n for b in blocks for n in b] == list(curvature_blocks(gm, None)[0][0])  # contiguous, all layers
+    calib = ids(3, 16, seed=6)
+    kw = dict(calibration=calib, method=method, shots=2, progress=False)
+    ref = sf.compress(m, 0.3, **kw)
+    got = sf.compress(m, 0.3, max_memory=budget, **kw)
+    assert got.surgeon_fx_plan.keep == ref.surgeon_fx_plan.keep
+    for (n, p), q in zip(ref.named_parameters(), got.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="max_memory"):
+        sf.compress(m, 0.3, max_memory=1000, **kw)
+    with pytest.raises(ValueError, match="max_memory"):
+        sf.compress(m, 0.3, max_memory="12 parsecs", **kw)
+
+
+def test_inverse_cache_respects_its_bound():
+    """With cache_bytes=0 no inverse is kept, yet costs equal the cached computation."""
+    m = tiny_model("llama")
+    gm = sf.trace(m)
+    annotate_groups(gm)
+    annotate_curvature(gm, ids(2, 12, seed=1), progress=False)
+    annotate_costs(gm, update="columns")
+    ref = gm.meta["surgeon_fx.scores"].values
+    curv = get_curvature(gm)
+    assert curv.inverses  # unbounded: cached
+    curv.inverses.clear()
+    curv.cache_bytes = 0
+    annotate_costs(gm, update="columns")
+    assert not curv.inverses
+    assert gm.meta["surgeon_fx.scores"].values == ref
