@@ -33,6 +33,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from surgeon_fx.keys import CURVATURE, require
+from surgeon_fx.launch import rank_and_world
 
 from .groups import get_groups
 
@@ -310,7 +311,7 @@ def annotate_curvature(
     sweep = _Sweep(curv, max_dense, precision, collect)
     inst = _instrument(gm, found, sweep)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     starts = list(range(0, len(windows), batch_size))
     per = -(-len(starts) // world)  # contiguous blocks of batches, one per rank
     mine = starts[rank * per : (rank + 1) * per]
@@ -351,15 +352,6 @@ def annotate_curvature(
         else:
             lay.g.div_(curv.tokens)
     gm.meta[CURVATURE] = curv
-
-
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_reduce_(curv: Curvature, max_dense: int, device: torch.device) -> None:

@@ -9,7 +9,8 @@ every command, and every error is one line on stderr saying what is wrong and wh
 Exit codes: 0 success; 1 unexpected failure (a bug: the traceback is printed); 2 bad arguments or input
 (missing files, bad ratio, unknown model, ...); 3 the output exists and --force was not given, or an
 interrupted run in ``<out>.partial`` has other settings (use --restart); 130 interrupted (Ctrl-C): the
-partial output is kept and the same command resumes it.
+partial output is kept and the same command resumes it. Under ``torchrun`` every rank exits with the same
+code when rank 0 refuses (exit 3) or the options are bad (exit 2); ``python -m surgeon_fx.cli`` runs ``main``.
 """
 
 from __future__ import annotations
@@ -189,18 +190,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    """Compress a model into an output folder: checkpoint, tokenizer, exports, report (see surgeon_fx.pipeline)."""
+    """Compress a model into an output folder: checkpoint, tokenizer, exports, report (see surgeon_fx.pipeline).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the options are checked first, then the default process group is
+    initialised (NCCL for ``--device cuda``, each rank on ``cuda:LOCAL_RANK``; gloo on CPU) and destroyed at
+    the end; rank 0 writes and prints (see :mod:`surgeon_fx.launch`).
+    """
+    from .launch import is_main, process_group
+    from .options import check_compress_args
     from .pipeline import run_compress
 
-    if not 0.0 <= args.ratio < 1.0:
-        raise ValueError(f"--ratio must be in [0, 1), got {args.ratio} (0.3 removes 30% of the parameters)")
-    for name in ("multiple", "calib_windows", "calib_seq_len", "windows", "seq_len", "shots"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_compress_args(args)
     torch.manual_seed(args.seed)
-    out = run_compress(args, args.argv)
-    print(f"done: {out} (report: {out / 'report.md'})")
+    with process_group(args.device) as device:
+        args.device = device
+        out = run_compress(args, args.argv)
+        if is_main():
+            print(f"done: {out} (report: {out / 'report.md'})")
     return EXIT_OK
 
 
@@ -242,7 +248,7 @@ def _versions() -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from .ir import KINDS
-    from .pipeline import add_compress_parser
+    from .options import add_compress_parser
 
     p = argparse.ArgumentParser(
         prog="surgeon-fx",

@@ -7,19 +7,26 @@ Invariant: an existing output is never modified unless ``--force``, and even the
 final move; an interrupted run leaves ``<out>.partial/`` with ``run.json`` (settings and finished stages)
 and ``shots/`` (per-shot state that ``compress(checkpoint_dir=...)`` writes and resumes from), so running
 the same command again resumes, and running it with other settings is refused until ``--restart``.
+Under ``torchrun`` (an initialised process group, :mod:`surgeon_fx.launch`) every rank loads and compresses
+the same model, but only rank 0 opens, writes and moves the output folder, evaluates and prints; its
+decisions (resume, refuse) reach the other ranks by broadcast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .options import add_compress_parser, config_fields
 from .rundir import OutputExistsError, RunDir  # noqa: F401  (OutputExistsError: raised by run_compress)
 
 __all__ = ["load_any", "run_compress", "add_compress_parser"]
@@ -73,23 +80,25 @@ def _versions() -> dict:
     }
 
 
-def _compress_kwargs(args, rd: RunDir, on_shot) -> dict:
-    """Options for ``compress`` that this version of it accepts (the API grows: shots, checkpoints, ...)."""
+def _compress_kwargs(args, checkpoint_dir: Path | None, on_shot, progress: bool) -> dict:
+    """Options for ``compress`` that this version of it accepts (the API grows: shots, checkpoints, ...).
+
+    ``checkpoint_dir`` is left out with ``--sparsity`` (``compress`` has no per-shot resume for it yet).
+    """
     from .api import CompressConfig, compress
 
     fields = {f.name for f in dataclasses.fields(CompressConfig)}
     params = inspect.signature(compress).parameters
-    kw = {"basis": args.basis, "kinds": tuple(args.kinds), "seed": args.seed, "uniform": args.uniform}
-    kw["multiple"] = args.multiple
-    if args.shots is not None:
-        if "shots" not in fields:
-            raise ValueError("this version of compress has no 'shots' option; leave --shots out")
-        kw["shots"] = args.shots
-    if "checkpoint_dir" in fields or "checkpoint_dir" in params:
-        kw["checkpoint_dir"] = str(rd.shots)
+    kw = config_fields(args)
+    kw.pop("ratio"), kw.pop("method")
+    if "shots" in kw and "shots" not in fields:
+        raise ValueError("this version of compress has no 'shots' option; leave --shots out")
+    resumable = "checkpoint_dir" in fields or "checkpoint_dir" in params
+    if checkpoint_dir is not None and args.sparsity is None and resumable:
+        kw["checkpoint_dir"] = str(checkpoint_dir)
     if "progress" in params:
-        kw["progress"] = True
-    if "on_shot" in params:
+        kw["progress"] = progress
+    if "on_shot" in params and on_shot is not None:
         kw["on_shot"] = on_shot
     return {k: v for k, v in kw.items() if k in fields or k in params}
 
@@ -121,30 +130,101 @@ def _linear_params(analysis) -> int:
     return sum(analysis.param_numel[p] for p in analysis.linear_params)
 
 
+def _checkpoint_dir(rd: RunDir, main: bool, rank0_has_shots: bool, stack: contextlib.ExitStack) -> Path | None:
+    """Where ``compress`` keeps per-shot state on this rank.
+
+    Rank 0: ``OUT.partial/shots/``. Other ranks: none (they write nothing), except when rank 0 resumes
+    after a finished shot: then this rank must resume from the same shot, so it reads rank 0's state
+    (which must be visible to it: a shared file system) through a private temporary folder, removed at
+    the end, into which ``compress`` also saves the later shots. Call it on every rank (through
+    :func:`surgeon_fx.launch.on_every_rank`, which waits for all) before rank 0 may save its next shot.
+    """
+    if main:
+        return rd.shots
+    if not rank0_has_shots:
+        return None
+    names = ("state.json", "weights.safetensors")
+    missing = [str(rd.shots / n) for n in names if not (rd.shots / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"rank 0 resumes from {rd.shots}, but this rank cannot read {', '.join(missing)}: put --out on a file "
+            "system every rank sees, or pass --restart"
+        )
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="surgeon-fx-shots-")))
+    shutil.copyfile(rd.shots / "state.json", tmp / "state.json")
+    try:  # a hard link keeps this shot's weights even when rank 0 replaces its file after the next shot
+        os.link(rd.shots / "weights.safetensors", tmp / "weights.safetensors")
+    except OSError:
+        shutil.copyfile(rd.shots / "weights.safetensors", tmp / "weights.safetensors")
+    return tmp
+
+
+def _sparsity_record(model, params, sparsity: str, method: str, target: float) -> dict:
+    """Zeros counted in the sparsified weights of ``model``, and for N:M the layers that break the pattern."""
+    from .patterns import check_nm, parse_sparsity
+
+    zeros = total = 0
+    for p in params:
+        w = model.get_parameter(p)
+        zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    pattern = parse_sparsity(sparsity)
+    invalid = []
+    if pattern != "unstructured":
+        invalid = sorted(p for p, v in check_nm(model, *pattern, params=params).items() if v)
+    return {
+        "pattern": sparsity,
+        "method": method,
+        "target": target,
+        "reached": zeros / total if total else 0.0,
+        "zero_weights": zeros,
+        "weights": total,
+        "layers": len(params),
+        "nm_valid": None if pattern == "unstructured" else not invalid,
+        "nm_invalid_layers": invalid,
+    }
+
+
 def run_compress(args, argv: list[str]) -> Path:
     """Run every stage of ``surgeon-fx compress`` (see the module docstring); return the output folder.
+
+    ``args`` must have passed :func:`surgeon_fx.options.check_compress_args`. Under an initialised process
+    group every rank calls this: all compress (the curvature sweeps are shared), rank 0 alone evaluates,
+    prints and writes, and the others return as soon as the compressed model exists (see
+    :mod:`surgeon_fx.launch`).
 
     Raises:
         OutputExistsError: the output exists (no ``--force``) or a partial run has other settings.
         ValueError / FileNotFoundError: bad input (model, data, options).
     """
+    with contextlib.ExitStack() as stack:
+        return _run(args, argv, stack)
+
+
+def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
     import shlex
 
     from . import api
     from .checkpoint import load_pretrained, read_metadata, save_pretrained
     from .data import calibration_windows, eval_windows
     from .evaluate import count_parameters, perplexity, state_dict_bytes
+    from .launch import from_rank0, is_main, on_every_rank, rank_and_world
     from .passes import annotate_groups, get_groups
     from .report import layer_widths, write_report
+    from .sparse_shots import SparsityReport
     from .tracing import trace
 
+    main, world = is_main(), rank_and_world()[1]
     skip = {"out", "force", "restart", "device", "func", "command", "argv"}
     fingerprint = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
-    rd = RunDir(args.out, fingerprint, force=args.force, restart=args.restart)
-    resumed = rd.open()
-    print(
-        f"{'resuming' if resumed else 'writing'} {rd.partial} (moved to {rd.out} when every stage is done)", flush=True
-    )
+    rd = RunDir(args.out, fingerprint, force=args.force, restart=args.restart, write=main)
+    # rank 0 alone looks at the disk and decides (resume or not, or refuse); the other ranks follow
+    resumed, rd.state, has_shots = from_rank0(lambda: (rd.open(), rd.state, (rd.shots / "state.json").is_file()))
+    # every rank holds its resume state (or all stop) before rank 0 may save a later shot
+    ckpt = on_every_rank(lambda: _checkpoint_dir(rd, main, has_shots and rd.done("save") is None, stack))
+    if main:
+        where = f"{rd.partial} (moved to {rd.out} when every stage is done)"
+        ranks = f"; {world} processes, rank 0 writes" if world > 1 else ""
+        print(f"{'resuming' if resumed else 'writing'} {where}{ranks}", flush=True)
     times: dict[str, float] = dict(rd.state.get("times", {}))
 
     def timed(stage, fn):
@@ -154,53 +234,67 @@ def run_compress(args, argv: list[str]) -> Path:
         rd.state["times"] = times
         return out
 
+    if not main and rd.done("save") is not None:
+        return rd.out  # rank 0 resumes after the compressed checkpoint: nothing left to compute together
     model, tok = timed("load", lambda: load_any(args.model, args.device))
     needs_text = args.eval or args.method != "magnitude"
     if tok is None and needs_text:
         raise ValueError(f"{args.model} has no tokenizer; calibration and evaluation need one to read text")
     calibration = None
-    if args.method != "magnitude":
+    if args.method != "magnitude" and rd.done("save") is None:
         calibration = timed(
             "calibration",
             lambda: calibration_windows(
                 args.calibration, tok, n=args.calib_windows, seq_len=args.calib_seq_len, seed=args.seed
             ),
         )
-    with tqdm(total=2, desc="tracing") as bar:
-        gm = timed("trace", lambda: trace(model))
-        bar.update()
-        timed("groups", lambda: annotate_groups(gm))
-        bar.update()
-    analysis = get_groups(gm)
-    gm = None  # free the graph's copy of the weights
-    windows = None
-    if args.eval:
-        text, source = _eval_text(args)
-        windows = _first_windows(eval_windows, tok, text, args.seq_len, args.windows)
-        rd.state["eval"] = {"text": source, "windows": int(windows.shape[0]), "seq_len": args.seq_len}
-    dense = rd.done("dense")
-    if dense is None:
-        ppl = timed("evaluate dense", lambda: perplexity(model, windows)) if args.eval else None
-        dense = {"parameters": count_parameters(model), "linear_parameters": _linear_params(analysis)}
-        rd.mark("dense", {**dense, "file_bytes": state_dict_bytes(model), "perplexity": ppl})
+    analysis = windows = None
+    if main:
+        with tqdm(total=2, desc="tracing") as bar:
+            gm = timed("trace", lambda: trace(model))
+            bar.update()
+            timed("groups", lambda: annotate_groups(gm))
+            bar.update()
+        analysis = get_groups(gm)
+        gm = None  # free the graph's copy of the weights
+        if args.eval:
+            text, source = _eval_text(args)
+            windows = _first_windows(eval_windows, tok, text, args.seq_len, args.windows)
+            rd.state["eval"] = {"text": source, "windows": int(windows.shape[0]), "seq_len": args.seq_len}
         dense = rd.done("dense")
-    rd.state["points"]["0"] = {"label": "dense", "parameters": dense["parameters"], "perplexity": dense["perplexity"]}
+        if dense is None:
+            ppl = timed("evaluate dense", lambda: perplexity(model, windows)) if args.eval else None
+            dense = {"parameters": count_parameters(model), "linear_parameters": _linear_params(analysis)}
+            rd.mark("dense", {**dense, "file_bytes": state_dict_bytes(model), "perplexity": ppl})
+            dense = rd.done("dense")
+        point = {"label": "dense", "parameters": dense["parameters"], "perplexity": dense["perplexity"]}
+        rd.state["points"]["0"] = point
+    cfg = api.CompressConfig(**config_fields(args))
+    structured_shots = cfg.shots if cfg.sparsity is None or cfg.ratio > 0 else 0
 
-    def on_shot(shot, m, plan):
-        point = {"label": f"shot {shot}", "parameters": count_parameters(m), "perplexity": None}
-        rd.state["points"][str(shot)] = point
+    def on_shot(shot, m, plan_or_report):
+        sparse = isinstance(plan_or_report, SparsityReport)
+        key = structured_shots + shot if sparse else shot
+        label = f"{args.sparsity} shot {shot}" if sparse else f"shot {shot}"
+        point = {"label": label, "parameters": count_parameters(m), "perplexity": None}
+        rd.state["points"][str(key)] = point
         rd.save()  # compress has saved this shot in shots/: record it before the (interruptible) evaluation
         if args.eval and args.shot_eval:
             point["perplexity"] = perplexity(m, windows)
             rd.save()
 
     if rd.done("save") is None:
-        kw = _compress_kwargs(args, rd, on_shot)
+        kw = _compress_kwargs(args, ckpt, on_shot if main else None, progress=main)
         small = timed(
             "compress", lambda: api.compress(model, args.ratio, calibration=calibration, method=args.method, **kw)
         )
+        if not main:
+            return rd.out  # the same model as rank 0's: rank 0 evaluates and writes it
         if "on_shot" not in kw:
             on_shot(1, small, small.surgeon_fx_plan)
+        if args.sparsity is not None:
+            report = small.surgeon_fx_sparsity
+            rd.state["sparsity"] = _sparsity_record(small, report.params, args.sparsity, args.method, report.target)
         timed("save", lambda: save_pretrained(small, rd.partial, tokenizer=tok, layout=args.layout))
         rd.mark("save", True)
     else:
@@ -234,8 +328,10 @@ def run_compress(args, argv: list[str]) -> Path:
         "command": "surgeon-fx " + shlex.join(argv),
         "model": args.model,
         "settings": {k: v for k, v in fingerprint.items() if k not in ("model",)} | {"device": args.device},
+        "processes": world,
         "dense": dense,
         "compressed": comp,
+        "sparsity": rd.state.get("sparsity"),
         "eval": rd.state.get("eval"),
         "points": [rd.state["points"][k] for k in sorted(rd.state["points"], key=int)],
         "times": times,
@@ -247,63 +343,3 @@ def run_compress(args, argv: list[str]) -> Path:
     }
     write_report(rd.partial, record, layer_widths(analysis, plan))
     return rd.commit()
-
-
-def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str) -> None:
-    """Add the ``compress`` sub-command (options documented in its ``--help``) to ``sub``."""
-    from .api import METHODS
-    from .ir import KINDS
-
-    c = sub.add_parser(
-        "compress",
-        help="compress a model into a folder: checkpoint, tokenizer, ONNX, report",
-        description="Compress a model and write OUT/: config.json + model.safetensors (+ tokenizer files), "
-        "model.onnx (and/or model.pt2), report.md with widths.png and perplexity.png, report.json. The folder "
-        "is built in OUT.partial/ and moved into place when everything succeeded; per-shot state lives in "
-        "OUT.partial/shots/ and an interrupted run resumes when the same command runs again.",
-        epilog=epilog,
-    )
-    model_arg(c)
-    device_arg(c)
-    c.add_argument("-o", "--out", required=True, help="output folder (refused if it exists, unless --force)")
-    c.add_argument("--ratio", type=float, default=0.3, help="fraction of parameters to remove, in [0, 1) (default 0.3)")
-    c.add_argument("--method", default="magnitude", choices=METHODS, help="how atoms are scored (default magnitude)")
-    c.add_argument("--shots", type=int, default=None, help="shots of the linear schedule (default: the method's)")
-    c.add_argument(
-        "--basis",
-        default="model",
-        choices=("model", "linear"),
-        help="count the ratio over the whole model or the decoder linear layers (default model)",
-    )
-    c.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="structures that may be removed")
-    c.add_argument("--uniform", action="store_true", help="same widths in every layer (loads with stock transformers)")
-    c.add_argument("--multiple", type=int, default=1, help="with --uniform: keep widths a multiple of this many atoms")
-    c.add_argument(
-        "--layout",
-        default="auto",
-        choices=("auto", "stock", "uneven"),
-        help="checkpoint layout: stock (plain from_pretrained loads it), uneven (needs surgeon_fx.load_pretrained) "
-        "or auto: stock where the config can express the widths (default)",
-    )
-    c.add_argument(
-        "--calibration",
-        default="wiki",
-        help="calibration text for curvature methods: 'wiki' (packaged Wikipedia corpus; default) or a "
-        ".txt/.json/.jsonl file; magnitude needs none",
-    )
-    c.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
-    c.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window (default 2048)")
-    text_args(c, 8, 512)
-    c.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity evaluations")
-    c.add_argument("--no-shot-eval", dest="shot_eval", action="store_false", help="evaluate only before and after")
-    c.add_argument(
-        "--export",
-        nargs="*",
-        default=["onnx"],
-        choices=("onnx", "pt2"),
-        help="exports to write into the folder (default onnx; none: pass --export without a value)",
-    )
-    c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    c.add_argument("--force", action="store_true", help="replace an existing output (only when the run succeeds)")
-    c.add_argument("--restart", action="store_true", help="discard an interrupted run in OUT.partial/")
-    c.set_defaults(func=func)

@@ -140,6 +140,23 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
     return out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
+def _sparsity_lines(sp: dict | None) -> list[str]:
+    """The sparsity the run reached, in one paragraph (nothing without ``--sparsity``)."""
+    if not sp:
+        return []
+    text = (
+        f"Sparsity ({sp['pattern']}, {sp['method']}): **{100 * sp['reached']:.2f}%** of the {sp['weights']:,} "
+        f"weights of {sp['layers']} decoder linear layers are zero ({sp['zero_weights']:,}; target "
+        f"{100 * sp['target']:.2f}%)."
+    )
+    if sp.get("nm_valid") is True:
+        text += f" Every one of these layers is valid {sp['pattern']}."
+    elif sp.get("nm_valid") is False:
+        bad = sp["nm_invalid_layers"]
+        text += f" **{len(bad)} layers break {sp['pattern']}**: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}."
+    return ["", text]
+
+
 def write_report(folder: str | os.PathLike, record: dict, widths: list[Width] | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and the plots into ``folder``.
 
@@ -148,7 +165,9 @@ def write_report(folder: str | os.PathLike, record: dict, widths: list[Width] | 
         record: ``command`` (str), ``model`` (str), ``settings`` (dict), ``dense`` / ``compressed`` (dicts
             with ``parameters``, ``linear_parameters``, ``file_bytes``, ``perplexity``), ``eval`` (dict:
             ``text``, ``windows``, ``seq_len``), ``points`` (see :func:`plot_perplexity`), ``times``
-            ({stage: seconds}), ``versions`` (dict), ``plan_summary`` (str), ``files`` ({name: bytes}).
+            ({stage: seconds}), ``versions`` (dict), ``plan_summary`` (str), ``files`` ({name: bytes}),
+            ``sparsity`` (``None`` or a dict: ``pattern``, ``method``, ``target``, ``reached``,
+            ``zero_weights``, ``weights``, ``layers``, ``nm_valid``, ``nm_invalid_layers``), ``processes``.
             Missing entries are shown as "-".
         widths: from :func:`layer_widths`, for the per-layer table and plot.
 
@@ -207,6 +226,7 @@ def write_report(folder: str | os.PathLike, record: dict, widths: list[Width] | 
         )
         lines += ["", f"Checkpoint layout: **{ckpt['layout']}**, loads with {how}."]
         lines += [f"Why not stock: {ckpt['why_uneven']}"] if ckpt.get("why_uneven") else []
+    lines += _sparsity_lines(record.get("sparsity"))
     lines += ["", "## Settings", ""] + [f"- {k}: `{v}`" for k, v in record.get("settings", {}).items()]
     lines += ["", "## Plan", "", "```", record.get("plan_summary", "-"), "```"]
     for name, title in (("widths.png", "Kept width per layer"), ("perplexity.png", "Perplexity against size")):

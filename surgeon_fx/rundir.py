@@ -2,7 +2,9 @@
 
 Reads: ``<out>.partial/run.json`` of an interrupted run. Writes: ``<out>.partial/`` (created, updated), then
 renames it to ``<out>``. Invariant: ``<out>`` is never modified before :meth:`RunDir.commit`; it is replaced
-only with ``force``; a partial run is resumed only by a run with the same settings (its fingerprint).
+only with ``force``; a partial run is resumed only by a run with the same settings (its fingerprint); a
+``RunDir(..., write=False)`` (the ranks other than 0 of a distributed run) keeps its state in memory and
+touches no file.
 """
 
 from __future__ import annotations
@@ -20,13 +22,25 @@ class OutputExistsError(Exception):
 
 
 class RunDir:
-    """The output folder of one run: built in ``<out>.partial/``, state in ``run.json``, moved at the end."""
+    """The output folder of one run: built in ``<out>.partial/``, state in ``run.json``, moved at the end.
 
-    def __init__(self, out: str | os.PathLike, fingerprint: dict, *, force: bool = False, restart: bool = False):
+    With ``write=False`` it only holds ``state`` (set it to the writing process's state): :meth:`save`,
+    :meth:`mark` and :meth:`commit` touch no file, and :meth:`open` must not be called.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        fingerprint: dict,
+        *,
+        force: bool = False,
+        restart: bool = False,
+        write: bool = True,
+    ):
         self.out = Path(out).expanduser().resolve()
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.shots = self.partial / "shots"
-        self.fingerprint, self.force, self.restart = fingerprint, force, restart
+        self.fingerprint, self.force, self.restart, self.write = fingerprint, force, restart, write
         self.state: dict = {}
 
     def open(self) -> bool:
@@ -35,6 +49,8 @@ class RunDir:
         Raises:
             OutputExistsError: the output exists without ``force``, or a partial run has other settings.
         """
+        if not self.write:
+            raise RuntimeError("RunDir(write=False) cannot open the output folder; copy the writer's state")
         if self.out.exists() and not self.force:
             raise OutputExistsError(f"{self.out} already exists; pass --force to replace it (at the end of the run)")
         if self.out.exists() and not self.out.is_dir():
@@ -63,6 +79,8 @@ class RunDir:
         return False
 
     def save(self) -> None:
+        if not self.write:
+            return
         tmp = self.partial / "run.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=1, default=str))
         tmp.replace(self.partial / "run.json")
@@ -76,6 +94,8 @@ class RunDir:
 
     def commit(self) -> Path:
         """Drop the run state, move the partial folder to the output (replacing it with ``force``)."""
+        if not self.write:
+            return self.out
         shutil.rmtree(self.shots, ignore_errors=True)
         (self.partial / "run.json").unlink(missing_ok=True)
         if self.out.exists():

@@ -334,7 +334,14 @@ def curvature_and_costs(gm: fx.GraphModule, calibration, cfg, shot: int, *, prog
 
 
 def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path) -> None:
+    """Write the shot's weights and composed plan (rank 0 only under ``torch.distributed``: every
+    rank holds the same state, and ranks writing one folder would race)."""
     from safetensors.torch import save_model
+
+    from .launch import is_main
+
+    if not is_main():
+        return
 
     ckpt.mkdir(parents=True, exist_ok=True)
     tmp = ckpt / "weights.safetensors.tmp"

@@ -15,21 +15,27 @@ import torch
 from families import ids, logits, tiny_model
 from test_checkpoint import tiny_tokenizer
 
-from surgeon_fx import api, export
+from surgeon_fx import api, check_nm, export
 from surgeon_fx.checkpoint import load_pretrained
 from surgeon_fx.cli import EXIT_EXISTS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, build_parser, main
+from surgeon_fx.options import check_compress_args
+from surgeon_fx.patterns import nm_quota
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    """A tiny Llama folder with a tokenizer, and 50 rows of text in its vocabulary."""
-    folder = tmp_path_factory.mktemp("src")
+def make_source(folder: Path) -> Path:
+    """Write a tiny Llama folder with a tokenizer, and 50 rows of text in its vocabulary (text.jsonl)."""
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     r = random.Random(0)
     rows = [json.dumps({"text": " ".join(f"w{r.randrange(128)}" for _ in range(40))}) for _ in range(50)]
     (folder / "text.jsonl").write_text("\n".join(rows) + "\n")
     return folder
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """A tiny Llama folder with a tokenizer, and 50 rows of text in its vocabulary."""
+    return make_source(tmp_path_factory.mktemp("src"))
 
 
 def compress_args(src: Path, out: Path, *extra: str) -> list[str]:
@@ -159,6 +165,81 @@ def test_bad_input_exit_codes(src, tmp_path, capsys):
     assert main(["compress", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "b")]) == EXIT_USAGE
     assert main(["compress", "--model", str(src), "--out", str(tmp_path / "c"), "--method", "nope"]) == EXIT_USAGE
     assert main(["inspect", "--model", str(src)]) == EXIT_OK and "groups" in capsys.readouterr().out
+
+
+def decoder_linear_weights(model) -> dict[str, torch.Tensor]:
+    """Weights of every ``nn.Linear`` inside the decoder layers (not the embedding or the LM head)."""
+    return {
+        f"{name}.weight": m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}."
+    }
+
+
+@pytest.mark.parametrize("ratio", ["0", "0.2"])
+def test_compress_with_2_4_sparsity(src, tmp_path, ratio):
+    """--sparsity 2:4 (alone, and after removing 20% of the structures): every decoder linear weight of the
+    saved checkpoint is exactly 2:4 with half its entries zero, and the report says so."""
+    out = tmp_path / "out"
+    args = compress_args(src, out, "--ratio", ratio, "--sparsity", "2:4", "--method", "magnitude", "--export")
+    assert main(args) == EXIT_OK
+    model = load_pretrained(out)
+    weights = decoder_linear_weights(model)
+    assert len(weights) == 14  # 7 projections in each of the 2 layers
+    assert check_nm(model, 2, 4, params=list(weights)) == dict.fromkeys(weights, 0)
+    zeros = {name: int((w == 0).sum()) for name, w in weights.items()}
+    for name, w in weights.items():  # 2 of every 4 inputs; a trailing group of 2 or 3 (pruned widths) loses 0 or 1
+        assert zeros[name] == w.shape[0] * nm_quota(w.shape[1], 2, 4), name
+    assert int((model.lm_head.weight == 0).sum()) == 0
+    record = json.loads((out / "report.json").read_text())
+    sp = record["sparsity"]
+    total = sum(w.numel() for w in weights.values())
+    assert sp["nm_valid"] is True and sp["layers"] == 14
+    assert (sp["zero_weights"], sp["weights"]) == (sum(zeros.values()), total)
+    assert sp["reached"] == sum(zeros.values()) / total and (sp["reached"] == 0.5) == (ratio == "0")
+    assert (record["compressed"]["parameters"] < record["dense"]["parameters"]) == (ratio != "0")
+    assert [p["label"] for p in record["points"]] == ["dense", *(["shot 1"] if ratio != "0" else []), "2:4 shot 1"]
+    report = (out / "report.md").read_text()
+    assert f"**{100 * sp['reached']:.2f}%**" in report and "valid 2:4" in report
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--sparsity", "3:2"], "--sparsity"),
+        (["--sparsity", "2:4x"], "--sparsity"),
+        (["--sparsity", "unstructured", "--sparsity-ratio", "1.5"], "--sparsity-ratio"),
+        (["--sparsity", "2:4", "--sparsity-ratio", "0.3"], "--sparsity-ratio"),
+        (["--sparsity", "2:4", "--method", "kobd"], "--method kobd"),
+        (["--method", "wanda"], "--sparsity"),
+        (["--sparsity", "2:4", "--method", "sparsegpt", "--ratio", "0.3"], "--ratio 0"),
+        (["--sparsity-ratio", "0.5"], "--sparsity-ratio"),
+        (["--sparsity", "2:4", "--sparsity-scope", "layer"], "--sparsity-scope"),
+        (["--sparsity", "2:4", "--method", "surgeon", "--chunk-size", "0"], "--chunk-size"),
+        (["--method", "published"], "--method published"),
+        (["--method", "surgeon", "--max-memory", "12 parsecs"], "max_memory"),
+        (["--max-memory", "40GB"], "max_memory"),
+        (["--method", "surgeon", "--damping", "0"], "damping"),
+        (["--method", "surgeon", "--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_sparsity_options(src, tmp_path, capsys, extra, option):
+    """Bad values or combinations: exit 2, one line on stderr naming the option, nothing written."""
+    assert main(compress_args(src, tmp_path / "out", *extra)) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert option in err and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sparsity_defaults_to_ratio_zero():
+    """--sparsity alone only sparsifies (--ratio 0); without it --ratio stays 0.3; scope and chunk get defaults."""
+    parse = build_parser().parse_args
+    sparse = parse(["compress", "--out", "x", "--sparsity", "unstructured", "--sparsity-ratio", "0.6"])
+    check_compress_args(sparse)
+    assert (sparse.ratio, sparse.sparsity_scope, sparse.chunk_size) == (0.0, "global", 1024)
+    dense = parse(["compress", "--out", "x"])
+    check_compress_args(dense)
+    assert (dense.ratio, dense.sparsity_scope, dense.chunk_size) == (0.3, None, None)
 
 
 STOCK_LOAD = r"""
