@@ -97,7 +97,7 @@ def _fix_torch_layers_(model: nn.Module, owners: set[str]) -> None:
 
 
 def apply_plan_to_module_(
-    model: nn.Module, plan: Plan, *, old: fx.GraphModule, new: fx.GraphModule, atol: float = 1e-4
+    model: nn.Module, plan: Plan, *, old: fx.GraphModule, new: fx.GraphModule, atol: float | None = None
 ) -> nn.Module:
     """Slice ``model``'s parameters by ``plan`` and update the integer attributes its graph depends on.
 
@@ -105,7 +105,9 @@ def apply_plan_to_module_(
         model: the eager model ``old`` was traced from (modified in place).
         plan: the plan ``new`` was produced with.
         old, new: the graph before and after :func:`~surgeon_fx.passes.apply_plan`.
-        atol: tolerance of the eager-vs-graph check.
+        atol: tolerance of the eager-vs-graph check, relative to the largest logit; default
+            ``max(1e-4, 8 * eps)`` of the parameters' dtype (bfloat16: 0.0625, where eager and graph
+            kernels round differently; a wrong shape attribute gives errors of order one).
 
     Returns:
         ``model``, for chaining.
@@ -115,6 +117,9 @@ def apply_plan_to_module_(
     """
     if plan.is_empty:
         return model
+    if atol is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        atol = max(1e-4, 8 * torch.finfo(dtype).eps)
     aliases = param_aliases(old)
     owners = _slice_params_(model, plan, aliases)
     _fix_torch_layers_(model, owners)

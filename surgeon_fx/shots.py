@@ -215,14 +215,14 @@ def sweep_curvature(
     )
 
 
-def _factor_bytes(lay, max_dense: int = 8192) -> tuple[int, int]:
+def _factor_bytes(lay, max_dense: int) -> tuple[int, int]:
     """float32 bytes of a layer's ``A`` and ``G`` as the sweep stores them (large sides diagonal)."""
     a = lay.cols if lay.cols > max_dense or lay.layout == "embedding" else lay.cols**2
     g = lay.rows if lay.rows > max_dense else lay.rows**2
     return 4 * a, 4 * g
 
 
-def curvature_blocks(gm: fx.GraphModule, max_memory: int | None, *, keep_g: bool = False, max_dense: int = 8192):
+def curvature_blocks(gm: fx.GraphModule, max_memory: int | None, *, keep_g: bool = False, max_dense: int | None = None):
     """Split the layers into contiguous blocks whose curvature fits ``max_memory`` bytes.
 
     Every layer's ``A`` stays alive (the column update needs it after the plan); the ``G`` of one
@@ -234,8 +234,9 @@ def curvature_blocks(gm: fx.GraphModule, max_memory: int | None, *, keep_g: bool
         ValueError: ``max_memory`` cannot hold even the ``A`` factors and one layer's ``G``,
             naming the least that would do.
     """
-    from .passes.curvature import find_layers
+    from .passes.curvature import MAX_DENSE, find_layers
 
+    max_dense = MAX_DENSE if max_dense is None else max_dense
     layers = [lay for lay, _ in find_layers(gm).values()]
     if max_memory is None:
         return [[lay.node for lay in layers]], None
