@@ -81,6 +81,18 @@ def load(args):
     return model, calib[: args.calib_n, : args.calib_len], ev
 
 
+def spread(per_param: dict[str, float]) -> str:
+    """Per-layer sparsity in short: min / median / max over the layers and the mean per projection kind."""
+    if not per_param:
+        return "-"
+    vals = sorted(per_param.values())
+    kinds: dict[str, list[float]] = {}
+    for name, v in per_param.items():
+        kinds.setdefault(name.rsplit(".", 2)[-2], []).append(v)
+    by_kind = " ".join(f"{k} {100 * sum(v) / len(v):.0f}%" for k, v in sorted(kinds.items()))
+    return f"min {100 * vals[0]:.1f}% median {100 * vals[len(vals) // 2]:.1f}% max {100 * vals[-1]:.1f}%; {by_kind}"
+
+
 def quality(model, calib, ev, args) -> dict:
     out = {}
     for pattern in args.patterns.split(","):
@@ -122,10 +134,12 @@ def quality(model, calib, ev, args) -> dict:
                 "nm_violations": bad,
                 "shots": shots,
                 "seconds": seconds,
+                "per_param": rep.per_param,
             }
             say(
                 f"{pattern} {method}: ppl {ppl:.3f}, zero {100 * rep.reached:.2f}%, {seconds:.0f}s, nm violations {bad}"
             )
+            say(f"  per-layer sparsity: {spread(rep.per_param)}")
             del sparse
             gc.collect()
             if torch.cuda.is_available():
