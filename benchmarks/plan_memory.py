@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 from _env import versions
-
-import surgeon_fx as sf
 from surgeon_fx.passes import annotate_groups
 from surgeon_fx.passes.curvature import MAX_DENSE, find_layers
+
+import surgeon_fx as sf
 from surgeon_fx.shots import _factor_bytes, curvature_blocks
 
 
