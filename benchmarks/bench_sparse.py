@@ -98,7 +98,7 @@ def quality(model, calib, ev, args) -> dict:
     for pattern in args.patterns.split(","):
         for method in args.methods.split(","):
             t0 = time.perf_counter()
-            # variants: "surgeon:layer" (same sparsity in every layer), "surgeon:d0.1" (damping), "surgeon:s8"
+            # variants: "surgeon:independent" (rows treated independently), "surgeon:layer" (same sparsity in every layer), "surgeon:d0.1" (damping), "surgeon:s8"
             # (shots), "surgeon:noupdate" (no OBS update); combine them: "surgeon:layer:d0.1"
             base, *opts = method.split(":")
             kw = {"damping": args.damping, "sparsity_scope": args.scope}
@@ -108,6 +108,8 @@ def quality(model, calib, ev, args) -> dict:
                     kw["update"] = "none"
                 elif o in ("layer", "global"):
                     kw["sparsity_scope"] = o
+                elif o in ("independent", "coupled"):  # rows of the element costs and update
+                    kw["sparsity_rows"] = o
                 elif o.startswith("d"):
                     kw["damping"] = float(o[1:])
                 elif o.startswith("s"):

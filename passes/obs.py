@@ -69,6 +69,10 @@ class _Inverses:
     def g_inv(self, lay: Layer) -> torch.Tensor:
         return self._get(("g", lay.node, self.damping), lay.g)
 
+    def g_inv_diagonal(self, lay: Layer) -> torch.Tensor:
+        """``1 / (diag(G) + damping)``: the output factor with its cross-row terms dropped."""
+        return self._get(("gd", lay.node, self.damping), _diag(lay.g).clone())
+
 
 def _diag(f: torch.Tensor) -> torch.Tensor:
     return f if f.dim() == 1 else torch.diagonal(f)

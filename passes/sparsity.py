@@ -31,6 +31,7 @@ from .obs import _Inverses, _write_back_, layer_matrix
 __all__ = [
     "Masks",
     "SPARSE_METHODS",
+    "ROWS",
     "sparse_layers",
     "annotate_masks",
     "apply_masks_",
@@ -113,6 +114,7 @@ def annotate_masks(
     damping: float = 0.01,
     update: bool = True,
     scope: str = "global",
+    rows: str = "coupled",
 ) -> None:
     """Choose the weights to zero and store them in ``gm.meta[MASKS]`` (a :class:`Masks`).
 
@@ -129,6 +131,9 @@ def annotate_masks(
             ``1/2 W_rc^2 G_rr A_cc``).
         scope: surgeon: ``"global"`` (one threshold over all layers, as the paper) or ``"layer"``
             (every layer reaches the same sparsity; costs rank weights within a layer).
+        rows: surgeon: ``"coupled"`` (``F = G (x) A``) or ``"independent"`` (``F = diag(G) (x) A``:
+            costs ``1/2 W_rc^2 (G_rr + d) / [A^-1]_cc`` and a per-row update that uses ``A`` only,
+            as SparseGPT's; see :data:`ROWS`). Pass the same value to :func:`apply_masks_`.
 
     Raises:
         ValueError: bad options; ``method="sparsegpt"`` (its masks come with its update).
@@ -137,6 +142,7 @@ def annotate_masks(
     _check(method, pattern, ratio, fraction)
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    _check_rows(rows)
     if method == "sparsegpt":
         raise ValueError("SparseGPT chooses its mask while updating the weights: use apply_sparsegpt_")
     curv = get_curvature(gm) if method != "magnitude" else None
@@ -151,7 +157,7 @@ def annotate_masks(
             w = _weight_matrix(gm, lay)
             r, c = w.shape
             if update:
-                cost = kfac.element_costs(w, inv.g_inv(lay), _diag(inv.a_inv(lay))[:c])
+                cost = kfac.element_costs(w, _g_inv(inv, lay, rows), _diag(inv.a_inv(lay))[:c])
             else:
                 cost = (
                     0.5
@@ -189,6 +195,23 @@ def annotate_masks(
     gm.meta[MASKS] = Masks(masks, method, pattern, ratio if nm is None else 1 - nm[0] / nm[1])
 
 
+ROWS = ("coupled", "independent")
+"""How the surgeon's element costs and update treat the rows of a layer: through the full output
+factor ``G`` (the paper's ``F = G (x) A``), or independently (``diag(G)``). Measured on CPU
+(``benchmarks/results/sparse_ablation_cpu.md``): the effective rank of ``G`` of the q/k/v
+projections is about 5-13, and there the coupled update moves weights along directions that the
+quadratic model prices as free."""
+
+
+def _check_rows(rows: str) -> None:
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+
+
+def _g_inv(inv, lay: Layer, rows: str) -> torch.Tensor:
+    return inv.g_inv(lay) if rows == "coupled" else inv.g_inv_diagonal(lay)
+
+
 def _choose(flat: torch.Tensor, goal: float) -> torch.Tensor:
     """The ``round(goal)`` cheapest entries, at least every forced (-inf) one, never a barred (+inf) one."""
     forced = int((flat == -torch.inf).sum())
@@ -208,6 +231,7 @@ def apply_masks_(
     update: bool = True,
     damping: float = 0.01,
     chunk_size: int = 1024,
+    rows: str = "coupled",
 ) -> int:
     """Zero every masked weight in place; with ``update``, first apply the correlated OBS update.
 
@@ -221,10 +245,13 @@ def apply_masks_(
         update: apply the OBS update (needs ``gm.meta[CURVATURE]``); otherwise only zero.
         damping: relative damping of both K-FAC factors.
         chunk_size: masked elements solved jointly.
+        rows: ``"coupled"`` (``G^-1`` couples the rows) or ``"independent"`` (each row's masked
+            elements are removed by the OBS update under ``A`` alone); see :data:`ROWS`.
 
     Returns:
         The number of layers changed.
     """
+    _check_rows(rows)
     masks = masks or get_masks(gm)
     analysis = get_groups(gm)
     curv = get_curvature(gm) if update else None
@@ -239,7 +266,8 @@ def apply_masks_(
             mm = _to_matrix(mask, lay)
             if lay.bias is not None:
                 mm = torch.cat([mm, torch.zeros_like(mm[:, :1])], 1)
-            new = kfac.element_update_chunked(m, inv.g_inv(lay), inv.a_inv(lay), mm, chunk_size=chunk_size)
+            g_inv = _g_inv(inv, lay, rows)
+            new = kfac.element_update_chunked(m, g_inv, inv.a_inv(lay), mm, chunk_size=chunk_size)
             _write_back_(gm, analysis, lay, new)
         else:
             w = gm.get_parameter(analysis.param_targets[lay.weight])

@@ -78,6 +78,10 @@ class CompressConfig:
             weights at once (chunks of rows; memory ``8 * chunk_size^2`` bytes, time ``~chunk_size^2``).
         sparsity_scope: ``"surgeon"`` sparsity: ``"global"`` (one cost threshold over all layers, as
             the paper) or ``"layer"`` (the same sparsity in every layer, costs rank within a layer).
+        sparsity_rows: ``"surgeon"`` sparsity: ``"coupled"`` (the paper's ``F = G (x) A``: costs and
+            the correlated update through the full output factor) or ``"independent"`` (``diag(G)``:
+            each row's removals are compensated under ``A`` alone; measured better on CPU, see
+            :data:`surgeon_fx.passes.sparsity.ROWS`).
         max_memory: bound on the curvature state of a structured ``"surgeon"`` / ``"kobd"`` /
             ``"lobd"`` shot (bytes, or a string such as ``"40GB"``): the float32 K-FAC factors
             alive at once plus the cached float64 inverses. ``None`` (default): every factor of the
@@ -111,6 +115,7 @@ class CompressConfig:
     sparsity_ratio: float | None = None
     chunk_size: int = 1024
     sparsity_scope: str = "global"
+    sparsity_rows: str = "coupled"
     max_memory: int | str | None = None
 
     def __post_init__(self):
@@ -152,6 +157,8 @@ class CompressConfig:
                 )
         if self.sparsity_scope not in ("global", "layer"):
             raise ValueError(f"sparsity_scope must be 'global' or 'layer', got {self.sparsity_scope!r}")
+        if self.sparsity_rows not in ("coupled", "independent"):
+            raise ValueError(f"sparsity_rows must be 'coupled' or 'independent', got {self.sparsity_rows!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
         if self.basis not in ("model", "linear"):

@@ -121,8 +121,9 @@ def run_sparsity_shots(
                 damping=cfg.damping,
                 update=update,
                 scope=cfg.sparsity_scope,
+                rows=cfg.sparsity_rows,
             )
-            apply_masks_(gm, update=update, damping=cfg.damping, chunk_size=cfg.chunk_size)
+            apply_masks_(gm, update=update, damping=cfg.damping, chunk_size=cfg.chunk_size, rows=cfg.sparsity_rows)
         prior = gm.meta[MASKS].masks
         report = _report(work, params, name, cfg.method, target)
         dt = time.perf_counter() - t0
