@@ -31,19 +31,33 @@ import torch
 from _env import machine, versions
 
 
-def build(args, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model-shape options (defaults: Llama-2-7B), shared with ``plan_memory.py``."""
+    ap.add_argument("--layers", type=int, default=32), ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32), ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--mlp", type=int, default=11008), ap.add_argument("--vocab", type=int, default=32000)
 
-    cfg = LlamaConfig(
+
+def llama_config(args, max_positions: int = 4096):
+    """A ``LlamaConfig`` of the shape in ``args`` (see :func:`add_shape_args`), untied LM head."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.mlp,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(4096, args.calib_len),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
     )
+
+
+def build(args, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(args, max(4096, args.calib_len))
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
@@ -55,9 +69,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--layers", type=int, default=32), ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=32), ap.add_argument("--kv-heads", type=int, default=32)
-    ap.add_argument("--mlp", type=int, default=11008), ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(ap)
     ap.add_argument("--calib-n", type=int, default=128), ap.add_argument("--calib-len", type=int, default=2048)
     ap.add_argument("--ratio", type=float, default=0.2, help="fraction of decoder linear parameters removed")
     ap.add_argument("--shots", type=int, default=8)

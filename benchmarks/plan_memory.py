@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from _env import versions
+from bench_scale import add_shape_args, llama_config
 from surgeon_fx.passes import annotate_groups
 from surgeon_fx.passes.curvature import MAX_DENSE, find_layers
 
@@ -25,24 +26,14 @@ from surgeon_fx.shots import _factor_bytes, curvature_blocks
 
 
 def main() -> int:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32), ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--heads", type=int, default=32), ap.add_argument("--kv-heads", type=int, default=32)
-    ap.add_argument("--mlp", type=int, default=11008), ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(ap)
     ap.add_argument("--bounds", default="100,70,60,50,40,35", help="max_memory values in GB")
     ap.add_argument("--out", default="benchmarks/results/plan_memory_llama2_7b")
     args = ap.parse_args()
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.mlp,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        tie_word_embeddings=False,
-    )
+    cfg = llama_config(args)
     t = time.perf_counter()
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)

@@ -292,7 +292,7 @@ def curvature_and_costs(gm: fx.GraphModule, calibration, cfg, shot: int, *, prog
     from .passes.obs import annotate_costs
 
     keep_g = cfg.update in ("rows", "both") and cfg.method == "surgeon"
-    blocks, cache = curvature_blocks(gm, getattr(cfg, "max_memory", None), keep_g=keep_g)
+    blocks, cache = curvature_blocks(gm, cfg.max_memory, keep_g=keep_g)
     if len(blocks) > 1:
         log.info(
             "shot %d: curvature in %d blocks of layers to stay within max_memory=%s",
