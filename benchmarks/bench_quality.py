@@ -91,6 +91,42 @@ def speed(model, calib, device, precision: str = "fp32", batch_size: int = 1) ->
     }
 
 
+CURVATURE_METHODS = ("surgeon", "kobd", "lobd", "published")
+
+
+def method_problem(method: str) -> str | None:
+    """What is wrong with one ``--methods`` entry (``None`` if nothing), checked before any loading."""
+    base, *opts = method.split(":")
+    if base == "magnitude":
+        return f"{method!r}: magnitude takes no options" if opts else None
+    if base == "torch_pruning":
+        if len(opts) > 1 or (opts and opts[0] not in ("taylor", "magnitude")):
+            return f"{method!r}: torch_pruning takes one importance, taylor or magnitude (it runs once per size)"
+        return None
+    if base not in CURVATURE_METHODS:
+        return f"unknown method {base!r}; use one of {(*CURVATURE_METHODS, 'magnitude', 'torch_pruning')}"
+    fixed = {
+        "noupdate",
+        "true",
+        "none",
+        "columns",
+        "rows",
+        "both",
+        "all",
+        "consumers",
+        "nores",
+        "tf32",
+        "fp32",
+        "mixed",
+    }
+    for o in opts:
+        number = o[1:].replace(".", "", 1).replace("e-", "", 1)
+        if o in fixed or (o[:1] in ("d", "s") and number.isdigit()):
+            continue
+        return f"{method!r}: unknown option {o!r} (see the variants listed in bench_quality.py)"
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -116,6 +152,10 @@ def main() -> int:
     ap.add_argument("--save-tokens", default=None, help="write calib.pt and eval.pt to this folder and exit")
     ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
     args = ap.parse_args()
+    for method in args.methods.split(","):
+        problem = method_problem(method)
+        if problem:
+            ap.error(f"--methods: {problem}")
 
     from surgeon_fx.models import load_model
 

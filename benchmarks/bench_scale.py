@@ -15,7 +15,7 @@ Full run on the H200 (about 13.5 GB of bf16 weights)::
 CPU smoke run of the same code path (tiny shape)::
 
     python benchmarks/bench_scale.py --device cpu --layers 2 --hidden 64 --heads 4 --kv-heads 4 --mlp 160 \\
-        --vocab 256 --calib-n 4 --calib-len 32 --shots 2 --max-memory 2MB --out /tmp/scale_smoke
+        --vocab 256 --calib-n 4 --calib-len 32 --shots 2 --max-memory 3MB --out /tmp/scale_smoke
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ mkdir -p /root/stage
 for part in .stage/p1/* .stage/p2/*; do
   if [ -f "$part" ] && [ ! -f "/root/stage/$(basename "$part")" ]; then cp "$part" /root/stage/; fi
 done
-if [ ! -f /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+if [ ! -f /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf ] && [ -f /root/stage/smol.gguf.partab ]; then
   cat /root/stage/smol.gguf.partaa /root/stage/smol.gguf.partab > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
 [ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl

@@ -196,7 +196,10 @@ class _Sweep:
 
     def _acc_a_fp32(self, lay: Layer, x: torch.Tensor) -> None:
         if lay.layout == "embedding":
-            counts = torch.bincount(x.reshape(-1), minlength=lay.cols).float()
+            flat = x.reshape(-1)  # token counts; index_add_, unlike bincount, needs no host sync on CUDA
+            counts = torch.zeros(lay.cols, device=x.device).index_add_(
+                0, flat, torch.ones_like(flat, dtype=torch.float)
+            )
             a = self.curv.a.get(lay.a_key)
             self.curv.a[lay.a_key] = counts if a is None else a + counts
             return

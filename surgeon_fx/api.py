@@ -1,6 +1,7 @@
 """The public entry point: ``compress(model, ratio)``, a straight line through the passes.
 
-Reads: the caller's model (never modified). Writes: nothing on disk. Invariant: trace -> groups ->
+Reads: the caller's model (never modified, unless ``compress(..., inplace=True)``). Writes: nothing
+on disk, except per-shot checkpoints under ``checkpoint_dir``. Invariant: trace -> groups ->
 scores -> plan -> rewrite, each stage public in :mod:`surgeon_fx.passes`; same seed, same result.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,6 +70,8 @@ class CompressConfig:
             ``sqrt(n / (n - k))`` so the normalisation divides by the same statistic as before
             (:func:`surgeon_fx.passes.norms.rescale_norms_`).
         checkpoint_dir: save the model and composed plan after every shot there, and resume from it.
+            With ``sparsity``, the sparsity shots save their weights and masks in its ``sparsity/``
+            subfolder and resume from there too; a resumed run gives the same result.
         sparsity: ``None`` (structured only), ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most
             N nonzeros in every M consecutive inputs) for the decoder linear weights, applied after
             the structured shots (``ratio`` may be 0); methods :data:`SPARSE_METHODS`. ``shots``
@@ -79,9 +83,12 @@ class CompressConfig:
         sparsity_scope: ``"surgeon"`` sparsity: ``"global"`` (one cost threshold over all layers, as
             the paper) or ``"layer"`` (the same sparsity in every layer, costs rank within a layer).
         sparsity_rows: ``"surgeon"`` sparsity: ``"coupled"`` (the paper's ``F = G (x) A``: costs and
-            the correlated update through the full output factor) or ``"independent"`` (``diag(G)``:
-            each row's removals are compensated under ``A`` alone; measured better on CPU, see
-            :data:`surgeon_fx.passes.sparsity.ROWS`).
+            the correlated update through the full output factor), ``"independent"`` (``diag(G)``:
+            each row's removals are compensated under ``A`` alone; see
+            :data:`surgeon_fx.passes.sparsity.ROWS`), or ``"auto"`` (default): ``"independent"`` for
+            unstructured sparsity, ``"coupled"`` for N:M, the better of the two in each setting on
+            SmolLM2-135M (H200, ``benchmarks/results/h200_session4/``: unstructured 50% 39.65 vs
+            78.93 PPL, 2:4 111.91 vs 92.69). ``"auto"`` is resolved when the config is made.
         max_memory: bound on the curvature state of a structured ``"surgeon"`` / ``"kobd"`` /
             ``"lobd"`` shot (bytes, or a string such as ``"40GB"``): the float32 K-FAC factors
             alive at once plus the cached float64 inverses. ``None`` (default): every factor of the
@@ -115,7 +122,7 @@ class CompressConfig:
     sparsity_ratio: float | None = None
     chunk_size: int = 1024
     sparsity_scope: str = "global"
-    sparsity_rows: str = "coupled"
+    sparsity_rows: str = "auto"
     max_memory: int | str | None = None
 
     def __post_init__(self):
@@ -143,8 +150,6 @@ class CompressConfig:
                     f"ratio={self.ratio} removes structures first, which method {self.method!r} cannot score; "
                     "use ratio=0 (sparsity only) or method 'surgeon' / 'magnitude'"
                 )
-            if self.checkpoint_dir is not None:
-                raise ValueError("checkpoint_dir (per-shot resume) is not supported with sparsity yet; leave it unset")
             nm_ratio = None if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
             if self.sparsity_ratio is None:
                 object.__setattr__(self, "sparsity_ratio", 0.5 if nm_ratio is None else nm_ratio)
@@ -157,8 +162,11 @@ class CompressConfig:
                 )
         if self.sparsity_scope not in ("global", "layer"):
             raise ValueError(f"sparsity_scope must be 'global' or 'layer', got {self.sparsity_scope!r}")
-        if self.sparsity_rows not in ("coupled", "independent"):
-            raise ValueError(f"sparsity_rows must be 'coupled' or 'independent', got {self.sparsity_rows!r}")
+        if self.sparsity_rows not in ("auto", "coupled", "independent"):
+            raise ValueError(f"sparsity_rows must be 'auto', 'coupled' or 'independent', got {self.sparsity_rows!r}")
+        if self.sparsity_rows == "auto" and self.sparsity is not None:
+            rows = "independent" if pattern == "unstructured" else "coupled"
+            object.__setattr__(self, "sparsity_rows", rows)
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {self.chunk_size!r}")
         if self.basis not in ("model", "linear"):
@@ -299,6 +307,7 @@ def compress(
     config: CompressConfig | None = None,
     progress: bool = True,
     on_shot=None,
+    inplace: bool = False,
     **options,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of its parameters physically removed.
@@ -309,7 +318,8 @@ def compress(
     ``apply_plan_to_module_`` (the copy).
 
     Args:
-        model: a Hugging Face causal LM or a module mapping token ids to logits; not modified.
+        model: a Hugging Face causal LM or a module mapping token ids to logits; not modified
+            (unless ``inplace``).
         ratio: fraction of parameters to remove, in [0, 1).
         calibration: (N, L) int64 token windows (``surgeon_fx.data.calibration_windows``); required by
             the curvature methods.
@@ -321,6 +331,10 @@ def compress(
         progress: show progress bars (shots, curvature sweeps).
         on_shot: optional ``on_shot(shot, model, plan)`` called after every shot (after a sparsity
             shot: ``on_shot(shot, model, report)`` with a :class:`~surgeon_fx.sparse_shots.SparsityReport`).
+        inplace: compress ``model`` itself instead of a deep copy (the result is ``model``, with
+            ``output="module"``): no second copy of the weights, for models that fit in memory only
+            once (a 7B model in bfloat16 on one GPU). Same result as the copy; if the call fails,
+            ``model`` may be left between two shots. The command line does this (it owns its model).
         **options: other :class:`CompressConfig` fields (``basis``, ``kinds``, ``shots``, ``fisher``, ...).
 
     Returns:
@@ -353,7 +367,9 @@ def compress(
             )
         calibration = check_calibration(calibration, vocab_size_of(model))
     torch.manual_seed(cfg.seed)
-    work = copy.deepcopy(model).eval()
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    work = (model if inplace else copy.deepcopy(model)).eval()
     if cfg.sparsity is not None:
         return _compress_sparse(work, calibration, cfg, progress, on_shot)
     if cfg.method == "published":
@@ -391,7 +407,10 @@ def _compress_sparse(work: nn.Module, calibration, cfg: CompressConfig, progress
         )
         del work._surgeon_fx_graph
     timings = work.__dict__.pop("_surgeon_fx_timings", [])
-    report, gm = run_sparsity_shots(work, calibration, cfg, progress=progress, on_shot=on_shot)
+    sparse_ckpt = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir) / "sparsity"
+    report, gm = run_sparsity_shots(
+        work, calibration, cfg, progress=progress, on_shot=on_shot, checkpoint_dir=sparse_ckpt
+    )
     if plan is None:  # nothing removed: the identity plan (sparsity changes no parameter count)
         total, linear = _counts(get_groups(gm))
         plan = Plan({}, {}, total, total, linear, linear, 0.0, cfg.basis, cfg.method)

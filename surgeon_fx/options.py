@@ -32,6 +32,7 @@ def config_fields(args) -> dict:
         kw["max_memory"] = args.max_memory
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
+        kw["sparsity_rows"] = args.sparsity_rows
         if args.sparsity_ratio is not None:
             kw["sparsity_ratio"] = args.sparsity_ratio
     return kw
@@ -41,7 +42,7 @@ def check_compress_args(args) -> None:
     """Validate the options of ``surgeon-fx compress`` and fill in the defaults that depend on others.
 
     ``--ratio`` defaults to 0.3, or to 0 (sparsify only) with ``--sparsity``; ``--sparsity-scope`` to
-    ``global`` and ``--chunk-size`` to 1024.
+    ``global``, ``--sparsity-rows`` to ``auto`` and ``--chunk-size`` to 1024.
 
     Raises:
         ValueError: a bad value or combination; the message names the options.
@@ -76,6 +77,7 @@ def check_compress_args(args) -> None:
         if args.method not in METHODS:
             raise ValueError(f"--method {args.method} only sparsifies: pass --sparsity unstructured or N:M (e.g. 2:4)")
         given = {"--sparsity-ratio": args.sparsity_ratio, "--sparsity-scope": args.sparsity_scope}
+        given["--sparsity-rows"] = args.sparsity_rows
         given["--chunk-size"] = args.chunk_size
         for option, value in given.items():
             if value is not None:
@@ -103,10 +105,16 @@ def check_compress_args(args) -> None:
                 f"--sparsity {args.sparsity} zeroes exactly {1 - pattern[0] / pattern[1]:g} of the weights; "
                 f"leave --sparsity-ratio out (got {args.sparsity_ratio})"
             )
-    for option, value in (("--sparsity-scope", args.sparsity_scope), ("--chunk-size", args.chunk_size)):
+    surgeon_only = (
+        ("--sparsity-scope", args.sparsity_scope),
+        ("--sparsity-rows", args.sparsity_rows),
+        ("--chunk-size", args.chunk_size),
+    )
+    for option, value in surgeon_only:
         if value is not None and args.method != "surgeon":
             raise ValueError(f"{option} applies to --method surgeon only (--method {args.method} ranks per layer)")
     args.sparsity_scope = args.sparsity_scope or "global"
+    args.sparsity_rows = args.sparsity_rows or "auto"
     args.chunk_size = args.chunk_size or CHUNK_SIZE
     _check_config(CompressConfig, args)
 
@@ -179,6 +187,13 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         choices=("global", "layer"),
         help="with --sparsity and --method surgeon: one cost threshold over all layers (global; default) or the "
         "same sparsity in every layer",
+    )
+    c.add_argument(
+        "--sparsity-rows",
+        default=None,
+        choices=("auto", "coupled", "independent"),
+        help="with --sparsity and --method surgeon: coupled (the paper's G (x) A costs and update), independent "
+        "(each row compensated under A alone) or auto (default): independent for unstructured, coupled for N:M",
     )
     c.add_argument(
         "--chunk-size",

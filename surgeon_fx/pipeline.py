@@ -83,7 +83,8 @@ def _versions() -> dict:
 def _compress_kwargs(args, checkpoint_dir: Path | None, on_shot, progress: bool) -> dict:
     """Options for ``compress`` that this version of it accepts (the API grows: shots, checkpoints, ...).
 
-    ``checkpoint_dir`` is left out with ``--sparsity`` (``compress`` has no per-shot resume for it yet).
+    ``checkpoint_dir`` is passed whenever this ``compress`` accepts it (with ``--sparsity`` too: the
+    sparsity shots checkpoint in its ``sparsity/`` subfolder).
     """
     from .api import CompressConfig, compress
 
@@ -94,12 +95,14 @@ def _compress_kwargs(args, checkpoint_dir: Path | None, on_shot, progress: bool)
     if "shots" in kw and "shots" not in fields:
         raise ValueError("this version of compress has no 'shots' option; leave --shots out")
     resumable = "checkpoint_dir" in fields or "checkpoint_dir" in params
-    if checkpoint_dir is not None and args.sparsity is None and resumable:
+    if checkpoint_dir is not None and resumable:
         kw["checkpoint_dir"] = str(checkpoint_dir)
     if "progress" in params:
         kw["progress"] = progress
     if "on_shot" in params and on_shot is not None:
         kw["on_shot"] = on_shot
+    if "inplace" in params:  # the command owns its model: no second copy of the weights
+        kw["inplace"] = True
     return {k: v for k, v in kw.items() if k in fields or k in params}
 
 
@@ -143,19 +146,27 @@ def _checkpoint_dir(rd: RunDir, main: bool, rank0_has_shots: bool, stack: contex
         return rd.shots
     if not rank0_has_shots:
         return None
-    names = ("state.json", "weights.safetensors")
-    missing = [str(rd.shots / n) for n in names if not (rd.shots / n).is_file()]
-    if missing:
+    structured, sparse = rd.shots / "state.json", rd.shots / "sparsity" / "weights.safetensors"
+    names = [p for p in (structured, structured.with_name("weights.safetensors")) if structured.is_file()]
+    if sparse.is_file():  # the sparsity shots' weights name the masks file they go with
+        names += [sparse, *sorted(sparse.parent.glob("masks-*.safetensors"))]
+    missing = [str(p) for p in names if not p.is_file()]
+    if missing or not names:
         raise FileNotFoundError(
-            f"rank 0 resumes from {rd.shots}, but this rank cannot read {', '.join(missing)}: put --out on a file "
-            "system every rank sees, or pass --restart"
+            f"rank 0 resumes from {rd.shots}, but this rank cannot read {', '.join(missing) or 'its shots'}: put "
+            "--out on a file system every rank sees, or pass --restart"
         )
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="surgeon-fx-shots-")))
-    shutil.copyfile(rd.shots / "state.json", tmp / "state.json")
-    try:  # a hard link keeps this shot's weights even when rank 0 replaces its file after the next shot
-        os.link(rd.shots / "weights.safetensors", tmp / "weights.safetensors")
-    except OSError:
-        shutil.copyfile(rd.shots / "weights.safetensors", tmp / "weights.safetensors")
+    for p in names:
+        dst = tmp / p.relative_to(rd.shots)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if p.name.endswith(".json"):
+            shutil.copyfile(p, dst)
+            continue
+        try:  # a hard link keeps this shot's file even when rank 0 replaces it after the next shot
+            os.link(p, dst)
+        except OSError:
+            shutil.copyfile(p, dst)
     return tmp
 
 
@@ -218,7 +229,13 @@ def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
     fingerprint = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     rd = RunDir(args.out, fingerprint, force=args.force, restart=args.restart, write=main)
     # rank 0 alone looks at the disk and decides (resume or not, or refuse); the other ranks follow
-    resumed, rd.state, has_shots = from_rank0(lambda: (rd.open(), rd.state, (rd.shots / "state.json").is_file()))
+    resumed, rd.state, has_shots = from_rank0(
+        lambda: (
+            rd.open(),
+            rd.state,
+            (rd.shots / "state.json").is_file() or (rd.shots / "sparsity" / "weights.safetensors").is_file(),
+        )
+    )
     # every rank holds its resume state (or all stop) before rank 0 may save a later shot
     ckpt = on_every_rank(lambda: _checkpoint_dir(rd, main, has_shots and rd.done("save") is None, stack))
     if main:

@@ -10,9 +10,11 @@ earlier shot stays exactly zero; after the last shot an N:M pattern holds in eve
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -69,8 +71,68 @@ def _report(model: nn.Module, params, pattern: str, method: str, target: float) 
     return SparsityReport(pattern, method, target, zeros / total if total else 0.0, zeros, total, tuple(params), per)
 
 
+WEIGHTS = "weights.safetensors"
+"""The file of a sparsity checkpoint that commits a shot: the model's weights, and in its metadata the state."""
+
+
+def _state_of(cfg) -> dict:
+    """What a sparsity checkpoint must match to be resumed by this config."""
+    return {"sparsity": cfg.sparsity, "method": cfg.method, "shots": cfg.shots, "target": cfg.sparsity_ratio}
+
+
+def _save_shot(work: nn.Module, masks: dict[str, torch.Tensor], shot: int, cfg, ckpt: Path) -> None:
+    """Write shot ``shot``: ``masks-<shot>.safetensors`` first, then the weights, whose replacement commits
+    the shot (its metadata names it), then the previous shot's masks go. A crash at any point leaves a
+    consistent earlier or later shot. Rank 0 only under ``torch.distributed`` (every rank holds the same)."""
+    from safetensors.torch import save_file, save_model
+
+    from .launch import is_main
+
+    if not is_main():
+        return
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in masks.items()}, str(ckpt / f"masks-{shot}.safetensors"))
+    meta = {"surgeon_fx_sparsity": json.dumps({"shot": shot, **_state_of(cfg)})}
+    tmp = ckpt / f"{WEIGHTS}.tmp"
+    save_model(work, str(tmp), metadata=meta)
+    tmp.replace(ckpt / WEIGHTS)
+    for old in ckpt.glob("masks-*.safetensors"):
+        if old.name != f"masks-{shot}.safetensors":
+            old.unlink()
+
+
+def _load_shot(work: nn.Module, cfg, ckpt: Path) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """Load the last committed shot into ``work``; return ``(next shot, its masks)`` (``(1, None)``: none)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, load_model
+
+    path = ckpt / WEIGHTS
+    if not path.is_file():
+        return 1, None
+    with safe_open(str(path), "pt") as f:
+        state = json.loads((f.metadata() or {}).get("surgeon_fx_sparsity", "{}"))
+    want = _state_of(cfg)
+    if {k: state.get(k) for k in want} != want:
+        raise ValueError(
+            f"the sparsity checkpoint in {ckpt} was written by another run ({state or 'no state'}, this run: {want}); "
+            "pass another checkpoint_dir or delete that folder"
+        )
+    shot = int(state["shot"])
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    load_model(work, str(path), device=str(device))
+    masks = load_file(str(ckpt / f"masks-{shot}.safetensors"), device=str(device))
+    log.info("resumed sparsity from %s after shot %d", ckpt, shot)
+    return shot + 1, masks
+
+
 def run_sparsity_shots(
-    work: nn.Module, calibration: torch.Tensor | None, cfg, *, progress: bool = True, on_shot=None
+    work: nn.Module,
+    calibration: torch.Tensor | None,
+    cfg,
+    *,
+    progress: bool = True,
+    on_shot=None,
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[SparsityReport, fx.GraphModule]:
     """Sparsify ``work`` in place over ``cfg.shots`` shots.
 
@@ -82,6 +144,9 @@ def run_sparsity_shots(
         cfg: a :class:`~surgeon_fx.api.CompressConfig` with ``sparsity`` set.
         progress: progress bars.
         on_shot: optional ``on_shot(shot, model, report)`` after every shot.
+        checkpoint_dir: save the weights and masks after every shot there, and resume from the last
+            shot saved (the result equals an uninterrupted run's). A checkpoint of another
+            sparsity, method, shot count or target is refused.
 
     Returns:
         ``(report, gm)``: the :class:`SparsityReport` and the traced graph, whose parameters are
@@ -93,15 +158,16 @@ def run_sparsity_shots(
 
     pattern = parse_sparsity(cfg.sparsity)
     name = cfg.sparsity
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, prior = _load_shot(work, cfg, ckpt) if ckpt is not None else (1, None)
     gm = trace(work)  # the graph's parameters are work's parameters: updates land in work
     annotate_groups(gm, on_unknown=cfg.on_unknown)
     params = sorted({lay.weight for lay in sparse_layers(gm)})
     if not params:
         raise ValueError("found no decoder linear layer to sparsify in this model")
     target = cfg.sparsity_ratio
-    prior: dict[str, torch.Tensor] | None = None
-    report = None
-    bar = tqdm(range(1, cfg.shots + 1), desc="sparsity shots", disable=not progress)
+    report = _report(work, params, name, cfg.method, target) if start > cfg.shots else None
+    bar = tqdm(range(start, cfg.shots + 1), desc="sparsity shots", disable=not progress)
     for t in bar:
         t0 = time.perf_counter()
         fraction = t / cfg.shots
@@ -126,6 +192,8 @@ def run_sparsity_shots(
             apply_masks_(gm, update=update, damping=cfg.damping, chunk_size=cfg.chunk_size, rows=cfg.sparsity_rows)
         prior = gm.meta[MASKS].masks
         report = _report(work, params, name, cfg.method, target)
+        if ckpt is not None:
+            _save_shot(work, prior, t, cfg, ckpt)
         dt = time.perf_counter() - t0
         log.info(
             "sparsity shot %d/%d (%s, %s): %.2f%% of decoder linear weights zero, %.1fs",

@@ -16,9 +16,10 @@ from families import ids, logits, tiny_model
 from test_checkpoint import tiny_tokenizer
 
 from surgeon_fx import api, check_nm, export
+from surgeon_fx.api import CompressConfig
 from surgeon_fx.checkpoint import load_pretrained
 from surgeon_fx.cli import EXIT_EXISTS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, build_parser, main
-from surgeon_fx.options import check_compress_args
+from surgeon_fx.options import check_compress_args, config_fields
 from surgeon_fx.patterns import nm_quota
 
 
@@ -120,19 +121,25 @@ def test_refuses_to_overwrite_and_survives_an_interruption(src, tmp_path, monkey
     assert json.loads((out / "report.json").read_text())["settings"]["ratio"] == 0.3
 
 
-def test_interrupted_multi_shot_run_resumes_from_its_last_shot(src, tmp_path, monkeypatch):
-    """Ctrl-C while shot 2 is evaluated: the rerun continues with shot 3 from OUT.partial/shots/."""
+def _interrupt_third_evaluation(monkeypatch) -> list:
+    """Ctrl-C at the third perplexity evaluation (dense, shot 1, shot 2 <- here); returns the call log."""
     from surgeon_fx import evaluate
 
     real, calls = evaluate.perplexity, []
 
     def counting(model, windows, **kw):
         calls.append(1)
-        if len(calls) == 3:  # dense, shot 1, shot 2 <- interrupted here
+        if len(calls) == 3:
             raise KeyboardInterrupt
         return real(model, windows, **kw)
 
     monkeypatch.setattr(evaluate, "perplexity", counting)
+    return calls
+
+
+def test_interrupted_multi_shot_run_resumes_from_its_last_shot(src, tmp_path, monkeypatch):
+    """Ctrl-C while shot 2 is evaluated: the rerun continues with shot 3 from OUT.partial/shots/."""
+    calls = _interrupt_third_evaluation(monkeypatch)
     args = compress_args(src, tmp_path / "out", "--ratio", "0.3", "--shots", "3", "--export")
     assert main(args) == EXIT_INTERRUPTED
     assert json.loads((tmp_path / "out.partial" / "shots" / "state.json").read_text())["shot"] == 2
@@ -143,6 +150,21 @@ def test_interrupted_multi_shot_run_resumes_from_its_last_shot(src, tmp_path, mo
     assert [p["label"] for p in record["points"]] == ["dense", "shot 1", "shot 2", "shot 3"]
     assert record["points"][2]["perplexity"] is None and record["compressed"]["perplexity"] > 1
     assert abs(record["compressed"]["parameters"] / record["dense"]["parameters"] - 0.7) < 0.02
+
+
+def test_interrupted_sparsity_run_resumes_from_its_last_shot(src, tmp_path, monkeypatch):
+    """--sparsity 2:4 in 3 shots, Ctrl-C while shot 2 is evaluated: the rerun continues with shot 3
+    from OUT.partial/shots/sparsity/ and ends exactly 2:4."""
+    calls = _interrupt_third_evaluation(monkeypatch)
+    args = compress_args(src, tmp_path / "out", "--sparsity", "2:4", "--shots", "3")
+    assert main(args) == EXIT_INTERRUPTED
+    assert (tmp_path / "out.partial" / "shots" / "sparsity" / "masks-2.safetensors").is_file()
+    calls.clear()
+    assert main(args) == EXIT_OK
+    assert len(calls) == 1  # only shot 3 was sparsified and evaluated again
+    record = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [p["label"] for p in record["points"]] == ["dense", "2:4 shot 1", "2:4 shot 2", "2:4 shot 3"]
+    assert record["sparsity"]["nm_valid"] is True and record["sparsity"]["reached"] >= 0.5
 
 
 def test_restart_discards_partial_state(src, tmp_path, monkeypatch):
@@ -215,6 +237,8 @@ def test_compress_with_2_4_sparsity(src, tmp_path, ratio):
         (["--sparsity", "2:4", "--method", "sparsegpt", "--ratio", "0.3"], "--ratio 0"),
         (["--sparsity-ratio", "0.5"], "--sparsity-ratio"),
         (["--sparsity", "2:4", "--sparsity-scope", "layer"], "--sparsity-scope"),
+        (["--sparsity", "2:4", "--sparsity-rows", "coupled"], "--sparsity-rows"),
+        (["--sparsity-rows", "independent"], "--sparsity-rows"),
         (["--sparsity", "2:4", "--method", "surgeon", "--chunk-size", "0"], "--chunk-size"),
         (["--method", "published"], "--method published"),
         (["--method", "surgeon", "--max-memory", "12 parsecs"], "max_memory"),
@@ -237,9 +261,20 @@ def test_sparsity_defaults_to_ratio_zero():
     sparse = parse(["compress", "--out", "x", "--sparsity", "unstructured", "--sparsity-ratio", "0.6"])
     check_compress_args(sparse)
     assert (sparse.ratio, sparse.sparsity_scope, sparse.chunk_size) == (0.0, "global", 1024)
+    assert sparse.sparsity_rows == "auto"
     dense = parse(["compress", "--out", "x"])
     check_compress_args(dense)
-    assert (dense.ratio, dense.sparsity_scope, dense.chunk_size) == (0.3, None, None)
+    assert (dense.ratio, dense.sparsity_scope, dense.chunk_size, dense.sparsity_rows) == (0.3, None, None, None)
+    # "auto" resolves by pattern in the config; an explicit choice is kept
+    fields = {"ratio": 0.0, "method": "surgeon"}
+    assert CompressConfig(**fields, sparsity="unstructured").sparsity_rows == "independent"
+    assert CompressConfig(**fields, sparsity="2:4").sparsity_rows == "coupled"
+    assert CompressConfig(**fields, sparsity="2:4", sparsity_rows="independent").sparsity_rows == "independent"
+    chosen = parse(
+        ["compress", "--out", "x", "--sparsity", "2:4", "--method", "surgeon", "--sparsity-rows", "independent"]
+    )
+    check_compress_args(chosen)
+    assert CompressConfig(**config_fields(chosen)).sparsity_rows == "independent"
 
 
 STOCK_LOAD = r"""

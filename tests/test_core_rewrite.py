@@ -109,6 +109,22 @@ def test_compress_magnitude_30_percent(family):
         assert torch.equal(v, before[k]), k
 
 
+def test_compress_inplace_equals_copy():
+    """inplace=True compresses the caller's model itself (the result is that object) to exactly the
+    weights the copying call gives, surgeon shots included; a non-bool is refused."""
+    calib = ids(4, 12, seed=3)
+    copied = sf.compress(tiny_model("llama"), 0.3, calibration=calib, shots=2, progress=False)
+    m = tiny_model("llama")
+    out = sf.compress(m, 0.3, calibration=calib, shots=2, progress=False, inplace=True)
+    assert out is m and out.surgeon_fx_plan.params_after == copied.surgeon_fx_plan.params_after
+    want = copied.state_dict()
+    assert set(want) == set(m.state_dict())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    with pytest.raises(TypeError, match="inplace"):
+        sf.compress(tiny_model("llama"), 0.3, inplace="yes")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compress_residual_width(family):
     """Removing residual channels reaches the embeddings, every block, the norms and the LM head."""

@@ -142,8 +142,6 @@ def test_parse_sparsity_and_config_errors():
         sf.CompressConfig(0.2, method="sparsegpt", sparsity="unstructured")
     with pytest.raises(ValueError, match="supports methods"):
         sf.CompressConfig(0.0, method="kobd", sparsity="2:4")
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        sf.CompressConfig(0.0, sparsity="2:4", checkpoint_dir="ck")
     with pytest.raises(ValueError, match="sparsity_scope"):
         sf.CompressConfig(0.0, sparsity="2:4", sparsity_scope="row")
     with pytest.raises(ValueError, match="sparsity_ratio must be"):
@@ -197,6 +195,44 @@ def _with_dead_columns(model):
         lin = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".mlp." in n)
         lin.weight[:, 3] = 0.0
     return model
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_sparsity_resumes_from_its_checkpoint(tmp_path):
+    """Structured shots, then 2:4 in 3 shots with checkpoint_dir, interrupted after sparsity shot 2: the
+    resumed call runs shot 3 only and gives exactly the uninterrupted model; shot 2's masks stay
+    (no weight zeroed earlier comes back); a checkpoint of another sparsity run is refused."""
+    kw = dict(calibration=CALIB, sparsity="2:4", shots=3, **FAST)
+    want = sf.compress(tiny_model("llama"), 0.2, **kw)
+    ck = tmp_path / "ck"
+    seen = []
+
+    def stop_after(shot, model, plan_or_report):
+        seen.append((type(plan_or_report).__name__, shot))
+        if seen[-1] == ("SparsityReport", 2):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        sf.compress(tiny_model("llama"), 0.2, checkpoint_dir=str(ck), on_shot=stop_after, **kw)
+    assert (ck / "state.json").exists() and (ck / "sparsity" / "weights.safetensors").exists()
+    assert [f.name for f in (ck / "sparsity").glob("masks-*")] == ["masks-2.safetensors"]
+    from safetensors.torch import load_file
+
+    masks2 = load_file(str(ck / "sparsity" / "masks-2.safetensors"))
+    seen.clear()
+    got = sf.compress(tiny_model("llama"), 0.2, checkpoint_dir=str(ck), on_shot=stop_after, **kw)
+    assert seen == [("SparsityReport", 3)]  # structured shots and sparsity shots 1-2 were not redone
+    assert got.surgeon_fx_sparsity.reached == want.surgeon_fx_sparsity.reached
+    want_sd = want.state_dict()
+    for k, v in got.state_dict().items():
+        assert torch.equal(v, want_sd[k]), k
+    for p, m in masks2.items():
+        assert not got.get_parameter(p)[m].any()
+    with pytest.raises(ValueError, match="another run"):
+        sf.compress(tiny_model("llama"), 0.2, checkpoint_dir=str(ck), **{**kw, "sparsity": "unstructured"})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
