@@ -41,6 +41,7 @@ __all__ = [
     "Layer",
     "Curvature",
     "annotate_curvature",
+    "collect_inputs",
     "find_layers",
     "MAX_DENSE",
     "get_curvature",
@@ -166,14 +167,19 @@ def _factor_precision(precision: str):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+class _Enough(Exception):
+    """Raised inside a forward-only sweep once every wanted input has been seen: the rest is not run."""
+
+
 class _Sweep:
     """Accumulates the factors while the instrumented graph runs forward and backward."""
 
-    def __init__(self, curv: Curvature, max_dense: int, precision: str = "fp32", collect=None):
+    def __init__(self, curv: Curvature, max_dense: int, precision: str = "fp32", collect=None, stop_after=None):
         self.curv = curv
         self.max_dense = max_dense
         self.precision = precision
         self.collect = set(curv.layers) if collect is None else set(collect)
+        self.stop_after = stop_after  # a_keys: once all are accumulated in a batch, raise _Enough
         self.leaves: list[torch.Tensor] = []
         self._seen: set[str] = set()
 
@@ -183,6 +189,8 @@ class _Sweep:
         if mine and lay.a_key not in self._seen:  # shared inputs: accumulate A once per batch
             self._seen.add(lay.a_key)
             self._acc_a(lay, x)
+            if self.stop_after is not None and self.stop_after <= self._seen:
+                raise _Enough
         if lay.layout == "embedding":  # the backward starts here, collected or not: no weight gradients
             y = y.detach().requires_grad_(True)
             self.leaves.append(y)
@@ -262,6 +270,86 @@ def _instrument(gm: fx.GraphModule, found: dict, sweep: _Sweep) -> fx.GraphModul
     return fx.GraphModule(gm, graph)
 
 
+def _check_windows(windows) -> None:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            "windows must be an (N, L) int64 tensor of token ids (see surgeon_fx.data.calibration_windows)"
+        )
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"need at least one calibration window of >= 2 tokens, got shape {tuple(windows.shape)}")
+
+
+def _my_batches(n: int, batch_size: int) -> list[int]:
+    """The first window of each batch this rank runs: contiguous blocks of batches, one per rank."""
+    rank, world = rank_and_world()
+    starts = list(range(0, n, batch_size))
+    per = -(-len(starts) // world)
+    return starts[rank * per : (rank + 1) * per]
+
+
+@torch.no_grad()
+def collect_inputs(
+    gm: fx.GraphModule,
+    windows: torch.Tensor,
+    layers: Iterable[str],
+    *,
+    batch_size: int = 1,
+    precision: str = "fp32",
+    max_dense: int = MAX_DENSE,
+    progress: bool = True,
+) -> Curvature:
+    """The input factors ``A = E[x x^T]`` of ``layers`` alone, from forward passes only.
+
+    Each forward pass stops as soon as the last of those inputs has been computed, so layers early
+    in the graph cost a fraction of a pass. No gradients and no output factors (``G`` stays
+    ``None``). This serves layer-wise methods run layer after layer on the outputs of layers
+    already changed (SparseGPT: :func:`surgeon_fx.passes.sparsity.apply_sparsegpt_` with ``windows``).
+    Under ``torch.distributed`` every rank runs its block of batches and the sums are all-reduced.
+
+    Args:
+        gm: an annotated graph (``annotate_groups`` first); nothing on it changes.
+        windows: (N, L) token ids. layers: node names (see :func:`find_layers`).
+        batch_size, precision, max_dense, progress: as in :func:`annotate_curvature`.
+
+    Returns:
+        A :class:`Curvature` whose ``a`` holds the (token-averaged) factors of ``layers``.
+
+    Raises:
+        ValueError: bad windows or options, or an unknown layer name.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _check_windows(windows)
+    found = find_layers(gm)
+    names = list(layers)
+    unknown = [k for k in names if k not in found]
+    if unknown or not names:
+        raise ValueError(
+            f"layers {unknown[:3] or names} are not weight-carrying ops of this graph; see find_layers(gm)"
+        )
+    curv = Curvature({k: lay for k, (lay, _) in found.items()})
+    curv.collected = set(names)
+    sweep = _Sweep(curv, max_dense, precision, names, stop_after={found[k][0].a_key for k in names})
+    inst = _instrument(gm, found, sweep)
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    mine = _my_batches(len(windows), batch_size)
+    for i in tqdm(mine, desc="inputs", disable=not progress or rank_and_world()[0] != 0, leave=False):
+        ids = windows[i : i + batch_size].to(device)
+        sweep.leaves.clear()
+        sweep._seen.clear()
+        with sweep_precision(precision, device):
+            try:
+                inst(ids)
+            except _Enough:
+                pass
+        curv.tokens += ids.numel()
+    if rank_and_world()[1] > 1:
+        _all_reduce_(curv, max_dense, device, with_g=False)
+    for k in curv.a:
+        curv.a[k].div_(curv.tokens)
+    return curv
+
+
 def annotate_curvature(
     gm: fx.GraphModule,
     windows: torch.Tensor,
@@ -304,12 +392,7 @@ def annotate_curvature(
         raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            "windows must be an (N, L) int64 tensor of token ids (see surgeon_fx.data.calibration_windows)"
-        )
-    if windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ValueError(f"need at least one calibration window of >= 2 tokens, got shape {tuple(windows.shape)}")
+    _check_windows(windows)
     found = find_layers(gm)
     curv = Curvature({k: lay for k, (lay, _) in found.items()}, fisher=fisher)
     collect = list(found) if layers is None else list(layers)
@@ -321,9 +404,7 @@ def annotate_curvature(
     inst = _instrument(gm, found, sweep)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     rank, world = rank_and_world()
-    starts = list(range(0, len(windows), batch_size))
-    per = -(-len(starts) // world)  # contiguous blocks of batches, one per rank
-    mine = starts[rank * per : (rank + 1) * per]
+    mine = _my_batches(len(windows), batch_size)
     params = [p for p in gm.parameters()]
     need_param_grads = not any(lay.layout == "embedding" for lay in curv.layers.values())
     old_flags = [p.requires_grad for p in params]
@@ -363,8 +444,9 @@ def annotate_curvature(
     gm.meta[CURVATURE] = curv
 
 
-def _all_reduce_(curv: Curvature, max_dense: int, device: torch.device) -> None:
-    """Sum every factor and the token count over the ranks (in one fixed order on every rank)."""
+def _all_reduce_(curv: Curvature, max_dense: int, device: torch.device, with_g: bool = True) -> None:
+    """Sum every factor (``G`` too unless not ``with_g``) and the token count over the ranks (in one
+    fixed order on every rank)."""
     import torch.distributed as dist
 
     for lay in (curv.layers[k] for k in sorted(curv.collected)):  # a rank without batches has no factors yet
@@ -373,11 +455,11 @@ def _all_reduce_(curv: Curvature, max_dense: int, device: torch.device) -> None:
             curv.a[lay.a_key] = torch.zeros(
                 (side,) if side > max_dense or lay.layout == "embedding" else (side, side), device=device
             )
-        if lay.g is None:
+        if lay.g is None and with_g:
             lay.g = torch.zeros((lay.rows,) if lay.rows > max_dense else (lay.rows, lay.rows), device=device)
     for k in sorted(curv.a):
         dist.all_reduce(curv.a[k])
-    for name in sorted(curv.collected):
+    for name in sorted(curv.collected) if with_g else ():
         dist.all_reduce(curv.layers[name].g)
     tokens = torch.tensor([float(curv.tokens)], dtype=torch.float64, device=device)
     dist.all_reduce(tokens)

@@ -9,7 +9,8 @@ N:M group is ``m`` consecutive indices of the weight's own input axis.
 
 Methods: ``"surgeon"`` (element costs ``1/2 W_rc^2 / ([G^-1]_rr [A^-1]_cc)``, one global threshold
 over all layers, correlated OBS update under ``F = G (x) A`` in row chunks), ``"magnitude"`` (per
-layer), ``"wanda"`` (``|W| * ||x||`` per output row), ``"sparsegpt"`` (per layer, OBS with ``H ~ A``).
+layer), ``"wanda"`` (``|W| * ||x||`` per output row), ``"sparsegpt"`` (per layer, OBS with ``H ~ A``;
+with calibration windows, each stage of layers is measured after the earlier ones are pruned).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from surgeon_fx.keys import MASKS, require
 from surgeon_fx.patterns import nm_eligible, nm_quota, select_smallest
 from surgeon_fx.sparse_baselines import magnitude_mask, nm_mask, row_mask, sparsegpt_prune, wanda_scores
 
-from .curvature import Curvature, Layer, find_layers, get_curvature, single_use
+from .curvature import Curvature, Layer, collect_inputs, find_layers, get_curvature, single_use
 from .groups import get_groups
 from .obs import _Inverses, _write_back_, layer_matrix
 
@@ -36,6 +37,7 @@ __all__ = [
     "annotate_masks",
     "apply_masks_",
     "apply_sparsegpt_",
+    "layer_stages",
     "get_masks",
 ]
 
@@ -286,36 +288,78 @@ def apply_sparsegpt_(
     prior: dict[str, torch.Tensor] | None = None,
     damp: float = 0.01,
     block: int = 128,
+    windows: torch.Tensor | None = None,
+    batch_size: int = 1,
+    precision: str = "fp32",
+    progress: bool = True,
 ) -> None:
     """SparseGPT on every decoder linear layer, in place; the masks go to ``gm.meta[MASKS]``.
 
-    The Hessian of each layer is its K-FAC input factor ``A = E[x x^T]`` (``X^T X`` up to scale,
-    bias column dropped) from ``annotate_curvature``, measured on the model as it is when the pass
-    runs: unlike the paper, layers are not re-measured one after another on the outputs of
-    already-pruned earlier layers (several shots re-measure the whole model instead).
+    With ``windows`` (calibration token ids), as its paper runs it: layer after layer, each measured
+    on the outputs of the layers before it as already pruned. The layers are taken in the stages of
+    :func:`layer_stages`; each stage's input Hessians ``E[x x^T]`` come from forward passes over
+    ``windows`` that stop at that stage (:func:`~surgeon_fx.passes.curvature.collect_inputs`), on
+    the model with every earlier stage already pruned and updated; no curvature sweep is needed.
+
+    Without ``windows``, every layer's Hessian is its K-FAC input factor ``A`` from an earlier
+    ``annotate_curvature``, all measured on the model as it was then (one sweep, not re-measured
+    between layers).
 
     Args:
         pattern, ratio, fraction, prior: as in :func:`annotate_masks`.
         damp: SparseGPT's relative damping (1%). block: lazy-update block width (128).
+        windows: (N, L) calibration token ids for the layer-after-layer form.
+        batch_size, precision, progress: of its forward passes (as in ``annotate_curvature``).
     """
+    from tqdm.auto import tqdm
+
     _check("sparsegpt", pattern, ratio, fraction)
-    analysis = get_groups(gm)
-    curv = get_curvature(gm)
-    layers = sparse_layers(gm, curv)
-    priors = _priors(layers, prior)
+    if windows is None:
+        curv = get_curvature(gm)
+        stages = [sparse_layers(gm, curv)]
+    else:
+        stages = layer_stages(gm, sparse_layers(gm))
+    priors = _priors([lay for st in stages for lay in st], prior)
     masks = {}
-    for lay in layers:
-        w = _weight_matrix(gm, lay)
-        c = w.shape[1]
-        a = curv.factor_a(lay)
-        h = a[:c] if a.dim() == 1 else a[:c, :c]
-        if isinstance(pattern, tuple):
-            nm = (pattern[1] - round((pattern[1] - pattern[0]) * fraction), pattern[1])
-            new, mask = sparsegpt_prune(w, h, nm=nm, prior=priors[lay.node], block=block, damp=damp)
-        else:
-            new, mask = sparsegpt_prune(w, h, ratio=ratio * fraction, prior=priors[lay.node], block=block, damp=damp)
-        target = gm.get_parameter(analysis.param_targets[lay.weight])
-        target.copy_(_to_matrix(new, lay).to(target.dtype))
-        masks[lay.weight] = _to_matrix(mask, lay).clone()
+    for stage in tqdm(stages, desc="sparsegpt stages", disable=not progress or windows is None, leave=False):
+        if windows is not None:
+            names = [lay.node for lay in stage]
+            curv = collect_inputs(gm, windows, names, batch_size=batch_size, precision=precision, progress=False)
+        for lay in stage:
+            a = curv.factor_a(lay)
+            masks[lay.weight] = _sparsegpt_layer_(gm, lay, a, pattern, ratio * fraction, fraction, priors, damp, block)
     tgt = ratio if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
     gm.meta[MASKS] = Masks(masks, "sparsegpt", pattern, tgt)
+
+
+def _sparsegpt_layer_(gm, lay: Layer, a: torch.Tensor, pattern, ratio: float, fraction: float, priors, damp, block):
+    """SparseGPT on one layer with the input factor ``a`` (bias column dropped); returns its mask."""
+    analysis = get_groups(gm)
+    w = _weight_matrix(gm, lay)
+    c = w.shape[1]
+    h = a[:c] if a.dim() == 1 else a[:c, :c]
+    if isinstance(pattern, tuple):
+        nm = (pattern[1] - round((pattern[1] - pattern[0]) * fraction), pattern[1])
+        new, mask = sparsegpt_prune(w, h, nm=nm, prior=priors[lay.node], block=block, damp=damp)
+    else:
+        new, mask = sparsegpt_prune(w, h, ratio=ratio, prior=priors[lay.node], block=block, damp=damp)
+    target = gm.get_parameter(analysis.param_targets[lay.weight])
+    target.copy_(_to_matrix(new, lay).to(target.dtype))
+    return _to_matrix(mask, lay).clone()
+
+
+def layer_stages(gm: fx.GraphModule, layers) -> list[list[Layer]]:
+    """``layers`` grouped by depth: a layer's stage is the most layers of ``layers`` on any path of the
+    graph to its input. No layer's input depends on a layer of the same or a later stage, so a stage
+    can be measured and changed at once, after every earlier stage (in a decoder block, for example:
+    q/k/v, then the attention output, then gate/up, then down; found from the graph alone)."""
+    found = find_layers(gm)
+    names = {lay.node for lay in layers}
+    level: dict[fx.Node, int] = {}
+    for n in gm.graph.nodes:
+        lv = max((level[a] for a in n.all_input_nodes), default=0)
+        level[n] = lv + (1 if n.name in names else 0)
+    stages: dict[int, list[Layer]] = {}
+    for lay in layers:
+        stages.setdefault(level[found[lay.node][1]], []).append(lay)
+    return [stages[k] for k in sorted(stages)]

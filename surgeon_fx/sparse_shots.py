@@ -171,10 +171,20 @@ def run_sparsity_shots(
     for t in bar:
         t0 = time.perf_counter()
         fraction = t / cfg.shots
-        if cfg.method != "magnitude":
+        if cfg.method not in ("magnitude", "sparsegpt"):
             sweep_curvature(gm, calibration, cfg, t, progress=progress)
-        if cfg.method == "sparsegpt":
-            apply_sparsegpt_(gm, pattern, ratio=target, fraction=fraction, prior=prior)
+        if cfg.method == "sparsegpt":  # layer after layer, each on the already pruned layers' outputs
+            apply_sparsegpt_(
+                gm,
+                pattern,
+                windows=calibration,
+                ratio=target,
+                fraction=fraction,
+                prior=prior,
+                batch_size=cfg.batch_size,
+                precision=cfg.precision,
+                progress=progress,
+            )
         else:
             update = cfg.method == "surgeon" and cfg.update != "none"
             annotate_masks(

@@ -197,6 +197,57 @@ def _with_dead_columns(model):
     return model
 
 
+def test_sequential_sparsegpt_matches_layer_by_layer_brute_force():
+    """method="sparsegpt" prunes stage after stage (q/k/v, o, gate/up, down of each block, found from the
+    graph), each with E[x x^T] measured on the model as pruned so far: equal to a brute-force loop with
+    forward hooks on the eager model. The one-sweep variant (all statistics from the dense model)
+    agrees on the first stage and differs after it."""
+    import copy
+
+    from surgeon_fx.passes import annotate_groups
+    from surgeon_fx.passes.curvature import annotate_curvature
+    from surgeon_fx.passes.sparsity import apply_sparsegpt_, layer_stages, sparse_layers
+
+    model = tiny_model("llama")
+    kw = dict(calibration=CALIB, sparsity="unstructured", method="sparsegpt", shots=1, progress=False)
+    got = sf.compress(model, 0.0, **kw)
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    stages = [[lay.weight for lay in st] for st in layer_stages(gm, sparse_layers(gm))]
+    kinds = [sorted(w.split(".")[-2] for w in st) for st in stages]
+    per_block = [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert kinds == per_block * model.config.num_hidden_layers
+    ref = copy.deepcopy(model)
+    for st in stages:
+        mods = {w: ref.get_submodule(w.rsplit(".", 1)[0]) for w in st}
+        h = dict.fromkeys(st, 0.0)
+
+        def grab(mod, inp, out, w, h=h):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            h[w] = h[w] + x.T @ x
+
+        hooks = [m.register_forward_hook(lambda m, i, o, w=w: grab(m, i, o, w)) for w, m in mods.items()]
+        with torch.no_grad():
+            for i in range(len(CALIB)):
+                ref(input_ids=CALIB[i : i + 1], use_cache=False)
+        for hk in hooks:
+            hk.remove()
+        for w, m in mods.items():
+            new, _ = sparsegpt_prune(m.weight.detach(), h[w], ratio=0.5)
+            with torch.no_grad():
+                m.weight.copy_(new.to(m.weight.dtype))
+    for w in (w for st in stages for w in st):
+        torch.testing.assert_close(got.get_parameter(w), ref.get_parameter(w), rtol=1e-4, atol=1e-5)
+    one = sf.trace(copy.deepcopy(model))
+    annotate_groups(one)
+    annotate_curvature(one, CALIB, progress=False)
+    apply_sparsegpt_(one, "unstructured", ratio=0.5)
+    targets = one.meta["surgeon_fx.groups"].param_targets
+    first, last = stages[0][0], stages[-1][0]
+    torch.testing.assert_close(one.get_parameter(targets[first]), got.get_parameter(first), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(one.get_parameter(targets[last]), got.get_parameter(last), atol=1e-4)
+
+
 class _Stop(Exception):
     pass
 
