@@ -13,6 +13,11 @@ GPU run (token windows prepared with ``benchmarks/bench_quality.py --save-tokens
         --device cuda --out benchmarks/results/sparse_smollm2_h200
 
 ``--smoke`` runs everything at tiny scale on a random model (CPU is fine; speed then times dense only).
+
+``--random-llama N`` times speed only, on a random model of the Llama-2-7B shape (4096 wide, MLP
+11008) with N decoder layers, where the linear layers are large enough for the 2:4 kernels::
+
+    python benchmarks/bench_sparse.py --device cuda --random-llama 8 --out benchmarks/results/sparse_speed_llama7b_h200
 """
 
 from __future__ import annotations
@@ -57,7 +62,20 @@ def smoke_model() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def random_llama(layers: int):
+    """A random ``LlamaForCausalLM`` of the Llama-2-7B shape with ``layers`` decoder layers (speed only)."""
+    from bench_scale import add_shape_args, llama_config
+
+    shape = argparse.ArgumentParser()
+    add_shape_args(shape)
+    shape_args = shape.parse_args(["--layers", str(layers)])
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(llama_config(shape_args)).eval()
+
+
 def load(args):
+    if args.random_llama:
+        return random_llama(args.random_llama), None, None
     if args.smoke:
         gen = torch.Generator().manual_seed(0)
         return (
@@ -251,25 +269,30 @@ def markdown(r: dict) -> str:
     dense = r["dense_ppl"]
     methods = [m for p in r["quality"].values() for m in p]
     methods = list(dict.fromkeys(methods))
-    lines = [
-        f"Dense WikiText-2 PPL {dense:.2f}; cells: PPL (ratio to dense). Sparsity over the decoder linear weights.",
-        "",
-        "| method | " + " | ".join(r["quality"]) + " |",
-        "|" + "---|" * (len(r["quality"]) + 1),
-    ]
+    lines = []
+    if r["quality"]:
+        lines = [
+            f"Dense WikiText-2 PPL {dense:.2f}; cells: PPL (ratio to dense). Sparsity over the decoder linear weights.",
+            "",
+            "| method | " + " | ".join(r["quality"]) + " |",
+            "|" + "---|" * (len(r["quality"]) + 1),
+        ]
     for m in methods:
         cells = []
         for pattern in r["quality"]:
             q = r["quality"][pattern].get(m)
             cells.append(f"{q['ppl']:.2f} (x{q['ppl'] / dense:.2f})" if q else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Seconds per run: "
-        + ", ".join(
-            f"{p}/{m} {q['seconds']:.0f}s ({q['shots']} shot(s))" for p, d in r["quality"].items() for m, q in d.items()
-        ),
-    ]
+    if r["quality"]:
+        lines += [
+            "",
+            "Seconds per run: "
+            + ", ".join(
+                f"{p}/{m} {q['seconds']:.0f}s ({q['shots']} shot(s))"
+                for p, d in r["quality"].items()
+                for m, q in d.items()
+            ),
+        ]
     s = r.get("speed")
     if s:
         lines += [
@@ -315,11 +338,18 @@ def main() -> int:
     ap.add_argument("--min-run", type=float, default=1.0, help="seconds of timing per measurement")
     ap.add_argument("--no-quality", action="store_true"), ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny random model and windows (CPU is fine)")
+    ap.add_argument(
+        "--random-llama", type=int, default=0, help="speed only: a random Llama-2-7B-shaped model, N layers"
+    )
     ap.add_argument("--append", action="store_true", help="add to <out>.json (run methods/patterns in pieces)")
     ap.add_argument("--out", default="benchmarks/results/sparse_smollm2")
     args = ap.parse_args()
     if args.smoke:
         args.speed_shapes, args.min_run, args.shots = "1x64", 0.05, 2
+    if args.random_llama:
+        if args.random_llama < 1 or args.no_speed:
+            ap.error("--random-llama takes a number of layers >= 1 and times speed only (leave out --no-speed)")
+        args.no_quality = True
 
     device = torch.device(args.device)
     model, calib, ev = load(args)
@@ -327,15 +357,16 @@ def main() -> int:
     result = {
         "command": " ".join(["python", *sys.argv]),
         "device": str(device),
-        "calibration": list(calib.shape),
-        "eval": list(ev.shape),
+        "calibration": None if calib is None else list(calib.shape),
+        "eval": None if ev is None else list(ev.shape),
         "damping": args.damping,
         "chunk_size": args.chunk_size,
     }
     out = Path(args.out)
     old = json.loads(out.with_suffix(".json").read_text()) if args.append and out.with_suffix(".json").exists() else {}
-    result["dense_ppl"] = perplexity(model, ev, progress=False)
-    say(f"dense: ppl {result['dense_ppl']:.3f}")
+    result["dense_ppl"] = None if ev is None else perplexity(model, ev, progress=False)
+    if ev is not None:
+        say(f"dense: ppl {result['dense_ppl']:.3f}")
     result["quality"] = old.get("quality", {})
     for pattern, rows in ({} if args.no_quality else quality(model, calib, ev, args)).items():
         result["quality"].setdefault(pattern, {}).update(rows)
