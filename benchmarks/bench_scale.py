@@ -12,7 +12,12 @@ Full run on the H200 (about 13.5 GB of bf16 weights)::
 
     python benchmarks/bench_scale.py --device cuda --max-memory 40GB --out benchmarks/results/scale_7b_h200
 
-CPU smoke run of the same code path (tiny shape)::
+Several GPUs of one host (each rank sweeps its share of the calibration windows; factors are
+all-reduced, so every rank makes the same plan; rank 0 records)::
+
+    torchrun --nproc-per-node 2 benchmarks/bench_scale.py --device cuda --max-memory 48GB --out benchmarks/results/scale_7b_h200x2
+
+CPU smoke run of the same code path (tiny shape; add ``torchrun --nproc-per-node 2`` for two gloo ranks)::
 
     python benchmarks/bench_scale.py --device cpu --layers 2 --hidden 64 --heads 4 --kv-heads 4 --mlp 160 \\
         --vocab 256 --calib-n 4 --calib-len 32 --shots 2 --max-memory 3MB --out /tmp/scale_smoke
@@ -66,6 +71,8 @@ def build(args, device: torch.device, dtype: torch.dtype):
 
 
 def main() -> int:
+    from surgeon_fx.launch import process_group
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -79,14 +86,19 @@ def main() -> int:
     ap.add_argument("--max-memory", default=None, help="curvature memory bound, e.g. 40GB (default: none)")
     ap.add_argument("--out", default="benchmarks/results/scale_7b")
     args = ap.parse_args()
+    with process_group(args.device) as device:  # one process, or one rank of torchrun
+        return run(args, torch.device(device))
 
+
+def run(args, device: torch.device) -> int:
     from surgeon_fx.api import CompressConfig
+    from surgeon_fx.launch import is_main, rank_and_world
     from surgeon_fx.shots import run_shots
 
-    device = torch.device(args.device)
+    main = is_main()
     dtype = getattr(torch, args.dtype)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = {"command": " ".join(["python", *sys.argv]), "settings": vars(args)}
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
+    result = {"command": " ".join(["python", *sys.argv]), "settings": vars(args), "world_size": rank_and_world()[1]}
     out = Path(args.out)
     t0 = time.perf_counter()
     model = build(args, device, dtype)
@@ -121,12 +133,13 @@ def main() -> int:
             "stages": stages,
         }
         shots.append(row)
-        print(json.dumps(row), flush=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         last[0] = time.perf_counter()
         result["shots"] = shots
-        save(out, result)
+        if main:  # every rank holds the same model; rank 0 records (its own memory)
+            print(json.dumps(row), flush=True)
+            save(out, result)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -138,8 +151,9 @@ def main() -> int:
     result["params_after"] = plan.params_after
     result["peak_gpu_gb_max"] = max((r["peak_gpu_gb"] or 0) for r in shots) if cuda else None
     result["versions"], result["machine"] = versions(), machine(device)
-    save(out, result)
-    print(json.dumps({k: v for k, v in result.items() if k != "shots"}, indent=1))
+    if main:
+        save(out, result)
+        print(json.dumps({k: v for k, v in result.items() if k != "shots"}, indent=1))
     return 0
 
 
