@@ -77,7 +77,8 @@ WEIGHTS = "weights.safetensors"
 
 def _state_of(cfg) -> dict:
     """What a sparsity checkpoint must match to be resumed by this config."""
-    return {"sparsity": cfg.sparsity, "method": cfg.method, "shots": cfg.shots, "target": cfg.sparsity_ratio}
+    keys = ("sparsity", "method", "shots", "sparsity_ratio", "sparsity_rows", "sparsity_scope", "damping", "fisher")
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def _save_shot(work: nn.Module, masks: dict[str, torch.Tensor], shot: int, cfg, ckpt: Path) -> None:
@@ -146,7 +147,7 @@ def run_sparsity_shots(
         on_shot: optional ``on_shot(shot, model, report)`` after every shot.
         checkpoint_dir: save the weights and masks after every shot there, and resume from the last
             shot saved (the result equals an uninterrupted run's). A checkpoint of another
-            sparsity, method, shot count or target is refused.
+            sparsity, method, shot count, target, rows, scope, damping or Fisher is refused.
 
     Returns:
         ``(report, gm)``: the :class:`SparsityReport` and the traced graph, whose parameters are

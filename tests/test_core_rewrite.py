@@ -112,7 +112,7 @@ def test_compress_magnitude_30_percent(family):
 def test_compress_inplace_equals_copy():
     """inplace=True compresses the caller's model itself (the result is that object) to exactly the
     weights the copying call gives, surgeon shots included; a non-bool is refused."""
-    calib = ids(4, 12, seed=3)
+    calib = ids(2, 8, seed=3)
     copied = sf.compress(tiny_model("llama"), 0.3, calibration=calib, shots=2, progress=False)
     m = tiny_model("llama")
     out = sf.compress(m, 0.3, calibration=calib, shots=2, progress=False, inplace=True)
