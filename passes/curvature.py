@@ -279,6 +279,15 @@ def _check_windows(windows) -> None:
         raise ValueError(f"need at least one calibration window of >= 2 tokens, got shape {tuple(windows.shape)}")
 
 
+def _layer_names(found: dict, layers: Iterable[str] | None) -> list[str]:
+    """``layers`` as a list (every layer of ``found`` when ``None``); unknown names are refused."""
+    names = list(found) if layers is None else list(layers)
+    unknown = [k for k in names if k not in found]
+    if unknown:
+        raise ValueError(f"layers {unknown[:3]} are not weight-carrying ops of this graph; see find_layers(gm)")
+    return names
+
+
 def _my_batches(n: int, batch_size: int) -> list[int]:
     """The first window of each batch this rank runs: contiguous blocks of batches, one per rank."""
     rank, world = rank_and_world()
@@ -321,12 +330,9 @@ def collect_inputs(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     _check_windows(windows)
     found = find_layers(gm)
-    names = list(layers)
-    unknown = [k for k in names if k not in found]
-    if unknown or not names:
-        raise ValueError(
-            f"layers {unknown[:3] or names} are not weight-carrying ops of this graph; see find_layers(gm)"
-        )
+    names = _layer_names(found, layers)
+    if not names:
+        raise ValueError("collect_inputs needs at least one layer name; see find_layers(gm)")
     curv = Curvature({k: lay for k, (lay, _) in found.items()})
     curv.collected = set(names)
     sweep = _Sweep(curv, max_dense, precision, names, stop_after={found[k][0].a_key for k in names})
@@ -395,10 +401,7 @@ def annotate_curvature(
     _check_windows(windows)
     found = find_layers(gm)
     curv = Curvature({k: lay for k, (lay, _) in found.items()}, fisher=fisher)
-    collect = list(found) if layers is None else list(layers)
-    unknown = [k for k in collect if k not in found]
-    if unknown:
-        raise ValueError(f"layers {unknown[:3]} are not weight-carrying ops of this graph; see find_layers(gm)")
+    collect = _layer_names(found, layers)
     curv.collected = set(collect)
     sweep = _Sweep(curv, max_dense, precision, collect)
     inst = _instrument(gm, found, sweep)

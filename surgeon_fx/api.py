@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -398,7 +397,7 @@ def _compress_sparse(work: nn.Module, calibration, cfg: CompressConfig, progress
 
     from .passes import get_groups
     from .shots import _counts, run_shots
-    from .sparse_shots import run_sparsity_shots
+    from .sparse_shots import run_sparsity_shots, sparsity_checkpoint
 
     plan = None
     if cfg.ratio > 0:
@@ -407,7 +406,7 @@ def _compress_sparse(work: nn.Module, calibration, cfg: CompressConfig, progress
         )
         del work._surgeon_fx_graph
     timings = work.__dict__.pop("_surgeon_fx_timings", [])
-    sparse_ckpt = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir) / "sparsity"
+    sparse_ckpt = None if cfg.checkpoint_dir is None else sparsity_checkpoint(cfg.checkpoint_dir)
     report, gm = run_sparsity_shots(
         work, calibration, cfg, progress=progress, on_shot=on_shot, checkpoint_dir=sparse_ckpt
     )

@@ -247,8 +247,7 @@ def _versions() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .ir import KINDS
-    from .options import add_compress_parser
+    from .options import add_basis_kinds, add_compress_parser
 
     p = argparse.ArgumentParser(
         prog="surgeon-fx",
@@ -285,13 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     text_args(d, 8, 512)
     d.add_argument("--ratio", type=float, default=0.3, help="fraction of parameters to remove (default 0.3)")
     d.add_argument("--method", default="magnitude", help="atom scoring method (default magnitude)")
-    d.add_argument(
-        "--basis",
-        default="model",
-        choices=("model", "linear"),
-        help="count the ratio over the whole model or the decoder linear layers (default model)",
-    )
-    d.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="structures that may be removed")
+    add_basis_kinds(d)
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--json", default=None, help="also write the results as JSON to this path")
     d.set_defaults(func=cmd_demo)

@@ -127,9 +127,21 @@ def _check_config(config_class, args) -> None:
         raise ValueError(f"these options do not fit together: {e}") from e
 
 
+def add_basis_kinds(p) -> None:
+    """``--basis`` and ``--kinds``: what the ratio counts and which structures may go (compress, demo)."""
+    from .ir import KINDS
+
+    p.add_argument(
+        "--basis",
+        default="model",
+        choices=("model", "linear"),
+        help="count the ratio over the whole model or the decoder linear layers (default model)",
+    )
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="structures that may be removed")
+
+
 def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str) -> None:
     """Add the ``compress`` sub-command (options documented in its ``--help``) to ``sub``."""
-    from .ir import KINDS
 
     c = sub.add_parser(
         "compress",
@@ -159,13 +171,7 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         "sparsify (--sparsity with --ratio 0); published: Python API only",
     )
     c.add_argument("--shots", type=int, default=None, help="shots of the linear schedule (default: the method's)")
-    c.add_argument(
-        "--basis",
-        default="model",
-        choices=("model", "linear"),
-        help="count the ratio over the whole model or the decoder linear layers (default model)",
-    )
-    c.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="structures that may be removed")
+    add_basis_kinds(c)
     c.add_argument("--uniform", action="store_true", help="same widths in every layer (loads with stock transformers)")
     c.add_argument("--multiple", type=int, default=1, help="with --uniform: keep widths a multiple of this many atoms")
     c.add_argument(

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from .options import add_compress_parser, config_fields
 from .rundir import OutputExistsError, RunDir  # noqa: F401  (OutputExistsError: raised by run_compress)
+from .sparse_shots import WEIGHTS as SPARSE_WEIGHTS
+from .sparse_shots import sparsity_checkpoint
 
 __all__ = ["load_any", "run_compress", "add_compress_parser"]
 
@@ -146,7 +148,7 @@ def _checkpoint_dir(rd: RunDir, main: bool, rank0_has_shots: bool, stack: contex
         return rd.shots
     if not rank0_has_shots:
         return None
-    structured, sparse = rd.shots / "state.json", rd.shots / "sparsity" / "weights.safetensors"
+    structured, sparse = rd.shots / "state.json", sparsity_checkpoint(rd.shots) / SPARSE_WEIGHTS
     names = [p for p in (structured, structured.with_name("weights.safetensors")) if structured.is_file()]
     if sparse.is_file():  # the sparsity shots' weights name the masks file they go with
         names += [sparse, *sorted(sparse.parent.glob("masks-*.safetensors"))]
@@ -233,7 +235,7 @@ def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
         lambda: (
             rd.open(),
             rd.state,
-            (rd.shots / "state.json").is_file() or (rd.shots / "sparsity" / "weights.safetensors").is_file(),
+            (rd.shots / "state.json").is_file() or (sparsity_checkpoint(rd.shots) / SPARSE_WEIGHTS).is_file(),
         )
     )
     # every rank holds its resume state (or all stop) before rank 0 may save a later shot

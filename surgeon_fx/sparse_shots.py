@@ -75,6 +75,11 @@ WEIGHTS = "weights.safetensors"
 """The file of a sparsity checkpoint that commits a shot: the model's weights, and in its metadata the state."""
 
 
+def sparsity_checkpoint(checkpoint_dir: str | Path) -> Path:
+    """Where the sparsity shots of a run with ``checkpoint_dir`` keep their state (its ``sparsity/``)."""
+    return Path(checkpoint_dir) / "sparsity"
+
+
 def _state_of(cfg) -> dict:
     """What a sparsity checkpoint must match to be resumed by this config."""
     keys = ("sparsity", "method", "shots", "sparsity_ratio", "sparsity_rows", "sparsity_scope", "damping", "fisher")
