@@ -25,9 +25,10 @@ from surgeon_fx.keys import MASKS, require
 from surgeon_fx.patterns import nm_eligible, nm_quota, select_smallest
 from surgeon_fx.sparse_baselines import magnitude_mask, nm_mask, row_mask, sparsegpt_prune, wanda_scores
 
-from .curvature import Curvature, Layer, collect_inputs, find_layers, get_curvature, single_use
+from .curvature import Curvature, Layer, find_layers, get_curvature, single_use
 from .groups import get_groups
 from .obs import _Inverses, _write_back_, layer_matrix
+from .staged import staged_inputs
 
 __all__ = [
     "Masks",
@@ -37,6 +38,7 @@ __all__ = [
     "annotate_masks",
     "apply_masks_",
     "apply_sparsegpt_",
+    "apply_wanda_",
     "layer_stages",
     "get_masks",
 ]
@@ -183,18 +185,66 @@ def annotate_masks(
             start += r * c
     else:
         for lay in layers:
-            w = _weight_matrix(gm, lay)
-            pri = priors[lay.node]
-            score = w.abs() if method == "magnitude" else wanda_scores(w, curv.factor_a(lay))
-            if nm is not None:
-                n_t = nm[1] - round((nm[1] - nm[0]) * fraction)
-                mask = nm_mask(score, n_t, nm[1], pri)
-            elif method == "magnitude":
-                mask = magnitude_mask(w, ratio * fraction, pri)
-            else:
-                mask = row_mask(score, ratio * fraction, pri)
-            masks[lay.weight] = _to_matrix(mask, lay).clone()
+            a = curv.factor_a(lay) if method == "wanda" else None
+            masks[lay.weight] = _baseline_mask(gm, lay, method, a, pattern, ratio, fraction, priors[lay.node])
     gm.meta[MASKS] = Masks(masks, method, pattern, ratio if nm is None else 1 - nm[0] / nm[1])
+
+
+def _baseline_mask(gm, lay: Layer, method: str, a, pattern, ratio: float, fraction: float, pri) -> torch.Tensor:
+    """Magnitude's or Wanda's mask of one layer (Wanda: ``a`` is its input factor, dense or diagonal)."""
+    w = _weight_matrix(gm, lay)
+    score = w.abs() if method == "magnitude" else wanda_scores(w, a)
+    if isinstance(pattern, tuple):
+        mask = nm_mask(score, pattern[1] - round((pattern[1] - pattern[0]) * fraction), pattern[1], pri)
+    elif method == "magnitude":
+        mask = magnitude_mask(w, ratio * fraction, pri)
+    else:
+        mask = row_mask(score, ratio * fraction, pri)
+    return _to_matrix(mask, lay).clone()
+
+
+@torch.no_grad()
+def apply_wanda_(
+    gm: fx.GraphModule,
+    pattern: str | tuple[int, int] = "unstructured",
+    *,
+    windows: torch.Tensor,
+    ratio: float = 0.5,
+    fraction: float = 1.0,
+    prior: dict[str, torch.Tensor] | None = None,
+    batch_size: int = 1,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> None:
+    """Wanda layer after layer, as its reference code runs it, in place; masks go to ``gm.meta[MASKS]``.
+
+    Each stage of :func:`layer_stages` is scored by ``|W_ij| * ||X_j||`` on inputs ``X`` measured
+    with every earlier stage already pruned (:func:`~surgeon_fx.passes.staged.staged_inputs`, input
+    norms only), compared within each output row (N:M: within each group), and zeroed before the
+    next stage is measured. ``annotate_masks(method="wanda")`` instead scores every layer from one
+    earlier curvature sweep of the unpruned model.
+
+    Args:
+        windows: (N, L) calibration token ids.
+        pattern, ratio, fraction, prior: as in :func:`annotate_masks`.
+        batch_size, precision, progress: of its forward passes (as in ``annotate_curvature``).
+    """
+    from tqdm.auto import tqdm
+
+    _check("wanda", pattern, ratio, fraction)
+    analysis = get_groups(gm)
+    stages = layer_stages(gm, sparse_layers(gm))
+    priors = _priors([lay for st in stages for lay in st], prior)
+    names = [[lay.node for lay in st] for st in stages]
+    factors = staged_inputs(gm, windows, names, batch_size=batch_size, precision=precision, max_dense=0, progress=False)
+    masks = {}
+    for stage, curv in zip(tqdm(stages, desc="wanda stages", disable=not progress, leave=False), factors):
+        for lay in stage:
+            mask = _baseline_mask(gm, lay, "wanda", curv.factor_a(lay), pattern, ratio, fraction, priors[lay.node])
+            gm.get_parameter(analysis.param_targets[lay.weight]).masked_fill_(mask, 0.0)
+            masks[lay.weight] = mask
+    tgt = ratio if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
+    gm.meta[MASKS] = Masks(masks, "wanda", pattern, tgt)
 
 
 ROWS = ("coupled", "independent")
@@ -298,8 +348,9 @@ def apply_sparsegpt_(
     With ``windows`` (calibration token ids), as its paper runs it: layer after layer, each measured
     on the outputs of the layers before it as already pruned. The layers are taken in the stages of
     :func:`layer_stages`; each stage's input Hessians ``E[x x^T]`` come from forward passes over
-    ``windows`` that stop at that stage (:func:`~surgeon_fx.passes.curvature.collect_inputs`), on
-    the model with every earlier stage already pruned and updated; no curvature sweep is needed.
+    ``windows`` on the model with every earlier stage already pruned and updated, resumed from the
+    values kept at the previous stage (:func:`~surgeon_fx.passes.staged.staged_inputs`: about one
+    forward pass in all); no curvature sweep is needed.
 
     Without ``windows``, every layer's Hessian is its K-FAC input factor ``A`` from an earlier
     ``annotate_curvature``, all measured on the model as it was then (one sweep, not re-measured
@@ -321,10 +372,13 @@ def apply_sparsegpt_(
         stages = layer_stages(gm, sparse_layers(gm))
     priors = _priors([lay for st in stages for lay in st], prior)
     masks = {}
-    for stage in tqdm(stages, desc="sparsegpt stages", disable=not progress or windows is None, leave=False):
-        if windows is not None:
-            names = [lay.node for lay in stage]
-            curv = collect_inputs(gm, windows, names, batch_size=batch_size, precision=precision, progress=False)
+    if windows is None:
+        factors = iter([curv])
+    else:
+        names = [[lay.node for lay in st] for st in stages]
+        factors = staged_inputs(gm, windows, names, batch_size=batch_size, precision=precision, progress=False)
+    bar = tqdm(stages, desc="sparsegpt stages", disable=not progress or windows is None, leave=False)
+    for stage, curv in zip(bar, factors):
         for lay in stage:
             a = curv.factor_a(lay)
             masks[lay.weight] = _sparsegpt_layer_(gm, lay, a, pattern, ratio * fraction, fraction, priors, damp, block)

@@ -159,7 +159,7 @@ def run_sparsity_shots(
         ``work``'s own.
     """
     from .passes import annotate_groups
-    from .passes.sparsity import annotate_masks, apply_masks_, apply_sparsegpt_, sparse_layers
+    from .passes.sparsity import annotate_masks, apply_masks_, apply_sparsegpt_, apply_wanda_, sparse_layers
     from .shots import sweep_curvature
 
     pattern = parse_sparsity(cfg.sparsity)
@@ -177,10 +177,11 @@ def run_sparsity_shots(
     for t in bar:
         t0 = time.perf_counter()
         fraction = t / cfg.shots
-        if cfg.method not in ("magnitude", "sparsegpt"):
+        if cfg.method == "surgeon":
             sweep_curvature(gm, calibration, cfg, t, progress=progress)
-        if cfg.method == "sparsegpt":  # layer after layer, each on the already pruned layers' outputs
-            apply_sparsegpt_(
+        if cfg.method in ("sparsegpt", "wanda"):  # layer after layer, each on the already pruned layers' outputs
+            layerwise = apply_sparsegpt_ if cfg.method == "sparsegpt" else apply_wanda_
+            layerwise(
                 gm,
                 pattern,
                 windows=calibration,

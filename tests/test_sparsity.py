@@ -11,7 +11,7 @@ from families import FAMILIES, ids, logits, tiny_model
 import surgeon_fx as sf
 from surgeon_fx import kfac
 from surgeon_fx.patterns import check_nm, nm_eligible, nm_quota, parse_sparsity, select_smallest
-from surgeon_fx.sparse_baselines import magnitude_mask, row_mask, sparsegpt_prune, wanda_scores
+from surgeon_fx.sparse_baselines import magnitude_mask, nm_mask, row_mask, sparsegpt_prune, wanda_scores
 
 CALIB = ids(4, 16, seed=1)
 FAST = dict(progress=False, chunk_size=256)
@@ -197,6 +197,65 @@ def _with_dead_columns(model):
     return model
 
 
+def _layer_by_layer(ref, stages, prune):
+    """Brute force on the eager model: per stage, ``X^T X`` of each layer's input by forward hooks over
+    CALIB (one window at a time), then ``weight <- prune(weight, X^T X)`` before the next stage."""
+    for st in stages:
+        mods = {w: ref.get_submodule(w.rsplit(".", 1)[0]) for w in st}
+        h = dict.fromkeys(st, 0.0)
+
+        def grab(mod, inp, out, w, h=h):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            h[w] = h[w] + x.T @ x
+
+        hooks = [m.register_forward_hook(lambda m, i, o, w=w: grab(m, i, o, w)) for w, m in mods.items()]
+        with torch.no_grad():
+            for i in range(len(CALIB)):
+                ref(input_ids=CALIB[i : i + 1], use_cache=False)
+        for hk in hooks:
+            hk.remove()
+        for w, m in mods.items():
+            with torch.no_grad():
+                m.weight.copy_(prune(m.weight.detach(), h[w]).to(m.weight.dtype))
+    return ref
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sequential_wanda_matches_layer_by_layer_brute_force(pattern):
+    """method="wanda" scores each stage by |W| * ||x|| on inputs of the model as pruned so far (as its
+    reference code does), within rows (unstructured) or groups of 4 (2:4): equal to brute force."""
+    import copy
+
+    from surgeon_fx.passes import annotate_groups
+    from surgeon_fx.passes.curvature import annotate_curvature
+    from surgeon_fx.passes.sparsity import annotate_masks, layer_stages, sparse_layers
+
+    from surgeon_fx.keys import MASKS
+
+    model = tiny_model("llama")
+    got = sf.compress(model, 0.0, calibration=CALIB, sparsity=pattern, method="wanda", progress=False)
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    stages = [[lay.weight for lay in st] for st in layer_stages(gm, sparse_layers(gm))]
+
+    def wanda(w, h):
+        score = wanda_scores(w, torch.diagonal(h))
+        mask = row_mask(score, 0.5) if pattern == "unstructured" else nm_mask(score, 2, 4)
+        return w.masked_fill(mask, 0.0)
+
+    ref = _layer_by_layer(copy.deepcopy(model), stages, wanda)
+    for w in (w for st in stages for w in st):
+        assert torch.equal(got.get_parameter(w) == 0, ref.get_parameter(w) == 0), w
+        torch.testing.assert_close(got.get_parameter(w), ref.get_parameter(w))
+    one = sf.trace(copy.deepcopy(model))  # the one-sweep form scores every layer on the dense model
+    annotate_groups(one)
+    annotate_curvature(one, CALIB, progress=False)
+    annotate_masks(one, parse_sparsity(pattern), ratio=0.5, method="wanda")
+    masks = one.meta[MASKS].masks
+    assert torch.equal(masks[stages[0][0]], got.get_parameter(stages[0][0]) == 0)
+    assert not torch.equal(masks[stages[-1][0]], got.get_parameter(stages[-1][0]) == 0)
+
+
 def test_sequential_sparsegpt_matches_layer_by_layer_brute_force():
     """method="sparsegpt" prunes stage after stage (q/k/v, o, gate/up, down of each block, found from the
     graph), each with E[x x^T] measured on the model as pruned so far: equal to a brute-force loop with
@@ -217,25 +276,7 @@ def test_sequential_sparsegpt_matches_layer_by_layer_brute_force():
     kinds = [sorted(w.split(".")[-2] for w in st) for st in stages]
     per_block = [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
     assert kinds == per_block * model.config.num_hidden_layers
-    ref = copy.deepcopy(model)
-    for st in stages:
-        mods = {w: ref.get_submodule(w.rsplit(".", 1)[0]) for w in st}
-        h = dict.fromkeys(st, 0.0)
-
-        def grab(mod, inp, out, w, h=h):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            h[w] = h[w] + x.T @ x
-
-        hooks = [m.register_forward_hook(lambda m, i, o, w=w: grab(m, i, o, w)) for w, m in mods.items()]
-        with torch.no_grad():
-            for i in range(len(CALIB)):
-                ref(input_ids=CALIB[i : i + 1], use_cache=False)
-        for hk in hooks:
-            hk.remove()
-        for w, m in mods.items():
-            new, _ = sparsegpt_prune(m.weight.detach(), h[w], ratio=0.5)
-            with torch.no_grad():
-                m.weight.copy_(new.to(m.weight.dtype))
+    ref = _layer_by_layer(copy.deepcopy(model), stages, lambda w, h: sparsegpt_prune(w, h, ratio=0.5)[0])
     for w in (w for st in stages for w in st):
         torch.testing.assert_close(got.get_parameter(w), ref.get_parameter(w), rtol=1e-4, atol=1e-5)
     one = sf.trace(copy.deepcopy(model))
@@ -428,3 +469,32 @@ def test_independent_rows_update_is_per_row_obs_under_a():
         apply_masks_(gm2, rows="diagonal")
     with pytest.raises(ValueError, match="sparsity_rows"):
         sf.compress(m, 0.0, calibration=ids(2, 8), sparsity="unstructured", sparsity_rows="diagonal")
+
+
+@pytest.mark.parametrize("family,offload", [("llama", False), ("gpt2", True), ("phi", False)])
+def test_staged_inputs_equal_fresh_forward_passes_after_each_change(family, offload):
+    """staged_inputs resumes every stage from values kept at a cut; its factors equal collect_inputs
+    run afresh on the model as changed so far (each stage's weights are perturbed before the next
+    stage is asked for), while the cuts really move forward through the graph."""
+    from surgeon_fx.passes import annotate_groups
+    from surgeon_fx.passes.curvature import collect_inputs, find_layers
+    from surgeon_fx.passes.sparsity import layer_stages, sparse_layers
+    from surgeon_fx.passes.staged import stage_cuts, staged_inputs
+
+    gm = sf.trace(tiny_model(family))
+    annotate_groups(gm)
+    stages = [[lay.node for lay in st] for st in layer_stages(gm, sparse_layers(gm))]
+    cuts = stage_cuts(gm, stages)
+    assert cuts == sorted(cuts) and cuts[-1] > len(gm.graph.nodes) // 2
+    found = find_layers(gm)
+    targets = gm.meta["surgeon_fx.groups"].param_targets
+    gen = torch.Generator().manual_seed(0)
+    for s, curv in enumerate(staged_inputs(gm, CALIB, stages, batch_size=3, offload=offload, progress=False)):
+        fresh = collect_inputs(gm, CALIB, stages[s], batch_size=2, progress=False)
+        assert set(curv.a) == set(fresh.a) and curv.tokens == fresh.tokens
+        for k in fresh.a:
+            torch.testing.assert_close(curv.a[k], fresh.a[k], rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            for k in stages[s]:
+                w = gm.get_parameter(targets[found[k][0].weight])
+                w.mul_(1 + 0.5 * torch.rand(w.shape, generator=gen))
