@@ -115,7 +115,7 @@ def main() -> int:
         layer_forms(t, args.min_run)
     profile_model(2048)
     say(f"\nCommand: `python {' '.join(sys.argv)}`")
-    say(f"Versions: {versions()}; machine: {machine()}")
+    say(f"Versions: {versions()}; machine: {machine(torch.device('cuda'))}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.log").write_text("\n".join(LOG) + "\n")
     return 0

@@ -172,7 +172,8 @@ def to_semi_structured_(model: nn.Module, params=None) -> list[str]:
 
     PyTorch's semi-structured kernels (cuSPARSELt / CUTLASS) need a CUDA GPU of compute capability
     8.0 or newer, fp16 or bf16 weights, and weight shapes that are multiples of 64 (rows >= 32);
-    layers that do not fit, or are not exactly 2:4, are left dense. Run the model under
+    layers that do not fit, or are not exactly 2:4, are left dense. A forward hook makes each
+    converted layer's output contiguous (the sparse kernel writes it column-major). Run the model under
     ``torch.no_grad()``; the result is for inference only.
 
     Args:
@@ -204,5 +205,14 @@ def to_semi_structured_(model: nn.Module, params=None) -> list[str]:
         if r % 64 or c % 64 or nm_violations(w, 2, 4):
             continue
         setattr(owner, attr, nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False))
+        owner.register_forward_hook(_contiguous_output)
         done.append(p)
     return done
+
+
+def _contiguous_output(module, args, out):
+    """The semi-structured matmul returns its result transposed in memory (column-major). Attention
+    kernels need a unit stride on the head dimension, so a projection's output in that layout sends
+    ``scaled_dot_product_attention`` to its slow float32 math fallback (profiled on an H200,
+    ``benchmarks/results/h200_session5/profile_2to4_h200.log``); one copy avoids it."""
+    return out.contiguous()
