@@ -120,8 +120,9 @@ def method_problem(method: str) -> str | None:
         "mixed",
     }
     for o in opts:
-        number = o[1:].replace(".", "", 1).replace("e-", "", 1)
-        if o in fixed or (o[:1] in ("d", "s") and number.isdigit()):
+        head = "lr" if o.startswith("lr") else o[:1]
+        number = o[len(head) :].replace(".", "", 1).replace("e-", "", 1)
+        if o in fixed or (head in ("d", "s", "l", "r", "lr") and number.isdigit()):
             continue
         return f"{method!r}: unknown option {o!r} (see the variants listed in bench_quality.py)"
     return None
@@ -150,6 +151,10 @@ def main() -> int:
     ap.add_argument("--speed", default="", help="time a curvature sweep against a bare fwd+bwd in these precisions")
     ap.add_argument("--speed-only", action="store_true", help="skip the quality table (with --speed)")
     ap.add_argument("--save-tokens", default=None, help="write calib.pt and eval.pt to this folder and exit")
+    ap.add_argument(
+        "--dense-lora-steps", type=int, default=0, help="also score the dense model after this many correction steps"
+    )
+    ap.add_argument("--dense-lora-lr", type=float, default=1e-4, help="their learning rate (default 1e-4)")
     ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
     args = ap.parse_args()
     for method in args.methods.split(","):
@@ -186,6 +191,20 @@ def main() -> int:
     result["dense_ppl"] = perplexity(model, ev, progress=False)
     print(f"dense: ppl {result['dense_ppl']:.3f} ({time.perf_counter() - t:.1f}s)", flush=True)
     out = Path(args.out)
+    if args.dense_lora_steps:  # reference: the same correction on the unpruned model
+        import copy
+
+        from surgeon_fx.passes import annotate_groups
+        from surgeon_fx.passes.lora import apply_low_rank_correction_
+
+        tuned = copy.deepcopy(model)
+        gm = sf.trace(tuned)
+        annotate_groups(gm)
+        steps, lr = args.dense_lora_steps, args.dense_lora_lr
+        apply_low_rank_correction_(gm, calib, steps=steps, lr=lr, batch_size=args.batch_size, progress=False)
+        result["dense_lora"] = {"steps": steps, "lr": lr, "rank": 8, "ppl": perplexity(tuned, ev, progress=False)}
+        print(f"dense + {steps} correction steps (lr {lr}): ppl {result['dense_lora']['ppl']:.3f}", flush=True)
+        del tuned, gm
     if args.speed:
         result["speed"] = []
         for prec in args.speed.split(","):
@@ -253,7 +272,8 @@ def main() -> int:
 
             # variants: "surgeon:noupdate" (costs only), "surgeon:d0.1" (damping 0.1), "surgeon:true" (true
             # Fisher), "surgeon:s4" (4 shots per 10%), "surgeon:nores" (no residual channels), "surgeon:all"
-            # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32"
+            # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32",
+            # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":lr1e-4" its rate)
             base, *opts = method.split(":")
             extra = {
                 "update": "none" if "noupdate" in opts else args.update,
@@ -264,7 +284,13 @@ def main() -> int:
                 "batch_size": args.batch_size,
             }
             for o in opts:
-                if o.startswith("d"):
+                if o.startswith("lr"):  # the low-rank correction's learning rate
+                    extra["lora_lr"] = float(o[2:])
+                elif o.startswith("l") and o[1:].isdigit():  # low-rank correction steps after every shot
+                    extra["lora_steps"] = int(o[1:])
+                elif o.startswith("r") and o[1:].isdigit():  # its rank
+                    extra["lora_rank"] = int(o[1:])
+                elif o.startswith("d"):
                     extra["damping"] = float(o[1:])
                 elif o == "true":
                     extra["fisher"] = "true"
@@ -351,6 +377,11 @@ def markdown(result: dict) -> str:
     lines = [
         f"Dense WikiText-2 PPL {dense:.2f}; cells: PPL (ratio to dense).",
         "",
+    ]
+    if "dense_lora" in result:
+        d = result["dense_lora"]
+        lines += [f"Dense after {d['steps']} correction steps (lr {d['lr']}, rank {d['rank']}): {d['ppl']:.2f}.", ""]
+    lines += [
         head,
         "|" + "---|" * (len(targets) + 1),
     ]

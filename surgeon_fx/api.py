@@ -96,6 +96,15 @@ class CompressConfig:
             forward/backward sweep per block, each block's costs computed and its ``G`` freed
             before the next (:func:`surgeon_fx.shots.curvature_blocks`); inverses are cached only
             within what is left. The model and one batch's activations come on top of it.
+        lora_steps: after every structured shot, this many Adam steps of a low-rank first-order
+            correction (the paper's interleaved LoRA updates): each remaining decoder linear weight
+            gets a rank-``lora_rank`` update trained on the next-token loss of the calibration
+            windows (``batch_size`` per step, order drawn from ``seed``) with learning rate
+            ``lora_lr``, merged into the weight before the next shot
+            (:func:`surgeon_fx.passes.lora.apply_low_rank_correction_`). ``0`` (default): none.
+            Needs calibration; not with ``"published"`` (its masked weights would refill) and not
+            under ``torch.distributed``; sparsity shots are never corrected (zeros would refill).
+        lora_rank, lora_lr: rank and Adam learning rate of that correction.
     """
 
     ratio: float
@@ -123,6 +132,9 @@ class CompressConfig:
     sparsity_scope: str = "global"
     sparsity_rows: str = "auto"
     max_memory: int | str | None = None
+    lora_steps: int = 0
+    lora_rank: int = 8
+    lora_lr: float = 1e-4
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -208,6 +220,14 @@ class CompressConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if isinstance(self.lora_steps, bool) or not isinstance(self.lora_steps, int) or self.lora_steps < 0:
+            raise ValueError(f"lora_steps must be an int >= 0, got {self.lora_steps!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be an int >= 1, got {self.lora_rank!r}")
+        if not isinstance(self.lora_lr, (int, float)) or not self.lora_lr > 0:
+            raise ValueError(f"lora_lr must be > 0, got {self.lora_lr!r}")
+        if self.lora_steps and self.method == "published":
+            raise ValueError("lora_steps is not supported with method 'published': it would refill the masked weights")
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "max_memory"))
             if self.method not in ("surgeon", "kobd", "lobd") or self.sparsity is not None:
@@ -358,10 +378,11 @@ def compress(
         fields["method"] = "surgeon"
     cfg = CompressConfig(**fields)
     check_model(model)
-    if cfg.method in CURVATURE_METHODS + SPARSE_METHODS[2:]:
+    if cfg.method in CURVATURE_METHODS + SPARSE_METHODS[2:] or cfg.lora_steps:
         if calibration is None:
+            who = f"method {cfg.method!r}" if cfg.method in CURVATURE_METHODS + SPARSE_METHODS[2:] else "lora_steps"
             raise ValueError(
-                f"method {cfg.method!r} needs calibration windows: pass calibration=surgeon_fx.data."
+                f"{who} needs calibration windows: pass calibration=surgeon_fx.data."
                 "calibration_windows('wiki', tokenizer, n=128, seq_len=2048), or use method='magnitude'"
             )
         calibration = check_calibration(calibration, vocab_size_of(model))

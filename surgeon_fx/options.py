@@ -30,6 +30,7 @@ def config_fields(args) -> dict:
     kw |= {"fisher": args.fisher, "damping": args.damping, "precision": args.precision, "batch_size": args.batch_size}
     if args.max_memory is not None:
         kw["max_memory"] = args.max_memory
+    kw |= {"lora_steps": args.lora_steps, "lora_rank": args.lora_rank, "lora_lr": args.lora_lr}
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -242,6 +243,15 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         help="bound on the curvature state of a shot, e.g. 40GB: factors are collected block by block (default: "
         "no bound, one sweep per shot)",
     )
+    c.add_argument(
+        "--lora-steps",
+        type=int,
+        default=0,
+        help="after every structured shot, this many Adam steps of a low-rank correction on the calibration "
+        "windows, merged into the weights (the paper's interleaved LoRA updates; default 0: none)",
+    )
+    c.add_argument("--lora-rank", type=int, default=8, help="rank of that correction (default 8)")
+    c.add_argument("--lora-lr", type=float, default=1e-4, help="its Adam learning rate (default 1e-4)")
     c.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window (default 2048)")
     text_args(c, 8, 512)

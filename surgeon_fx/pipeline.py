@@ -256,11 +256,12 @@ def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
     if not main and rd.done("save") is not None:
         return rd.out  # rank 0 resumes after the compressed checkpoint: nothing left to compute together
     model, tok = timed("load", lambda: load_any(args.model, args.device))
-    needs_text = args.eval or args.method != "magnitude"
+    needs_data = args.method != "magnitude" or args.lora_steps > 0
+    needs_text = args.eval or needs_data
     if tok is None and needs_text:
         raise ValueError(f"{args.model} has no tokenizer; calibration and evaluation need one to read text")
     calibration = None
-    if args.method != "magnitude" and rd.done("save") is None:
+    if needs_data and rd.done("save") is None:
         calibration = timed(
             "calibration",
             lambda: calibration_windows(

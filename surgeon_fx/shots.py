@@ -150,9 +150,23 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             composed, params_before=total0, linear_before=linear0, target=cfg.ratio, basis=cfg.basis, method=cfg.method
         )
         gm = new
-        if t < cfg.shots:  # the next shot analyses the smaller graph
+        if t < cfg.shots or cfg.lora_steps:  # the next shot (and the correction) analyse the smaller graph
             annotate_groups(gm, on_unknown=cfg.on_unknown)
             clock("groups")
+        if cfg.lora_steps:  # the paper's interleaved low-rank first-order correction; gm shares work's weights
+            from .passes.lora import apply_low_rank_correction_
+
+            apply_low_rank_correction_(
+                gm,
+                calibration,
+                steps=cfg.lora_steps,
+                rank=cfg.lora_rank,
+                lr=cfg.lora_lr,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed + t,
+                progress=progress,
+            )
+            clock("lora")
         dt = time.perf_counter() - t0
         log.info(
             "shot %d/%d: %.1f%% of %s parameters removed (%s left), %.1fs (%s)",

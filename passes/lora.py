@@ -1,0 +1,115 @@
+"""Low-rank first-order correction: LoRA steps on the calibration windows, merged into the weights.
+
+The LLM Surgeon paper (van der Ouderaa et al., 2024, "interleaved low-rank first-order
+corrections") optionally follows each pruning shot with a few first-order steps: every remaining
+decoder weight ``W`` gets a low-rank update ``B A`` (``B`` starts at zero, so the first step starts
+from the pruned model), trained by Adam on the next-token loss of the calibration data, and then
+merged, ``W <- W + B A``. The second-order machinery prices removals one shot at a time under a
+local quadratic model; these steps let the model move to the loss it actually has afterwards.
+
+Reads: a graph called as ``gm(input_ids) -> logits`` and calibration windows. Writes: the decoder
+linear weights of ``gm`` in place (the layers of :func:`~surgeon_fx.passes.sparsity.sparse_layers`:
+never embeddings, the LM head, norms or biases; shapes never change). Nothing else in the graph
+changes, so the pass composes with the others between shots. Invariant: with a fixed ``seed`` the
+window order and the adapters' initialisation are fixed (same seed, same result on one device).
+
+The adapters are trained through :func:`torch.func.functional_call` on the graph itself, with the
+weights replaced by ``W + B A``: it works on any traced graph, including after structures were
+removed, where a module-wrapping LoRA library would see no ``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from tqdm.auto import tqdm
+
+from surgeon_fx.launch import rank_and_world
+
+from .curvature import _check_windows
+from .groups import get_groups
+from .sparsity import sparse_layers
+
+__all__ = ["apply_low_rank_correction_"]
+
+
+def apply_low_rank_correction_(
+    gm: fx.GraphModule,
+    windows: torch.Tensor,
+    *,
+    steps: int,
+    rank: int = 8,
+    lr: float = 1e-4,
+    batch_size: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
+
+    Args:
+        gm: an annotated graph (``annotate_groups``) called as ``gm(input_ids) -> logits``.
+        windows: (N, L) calibration token ids; each step takes ``batch_size`` of them, in an order
+            drawn from ``seed`` (one pass over them, then another order).
+        steps: Adam steps (0: nothing happens).
+        rank: rank of each weight's update. lr: Adam's learning rate.
+        batch_size: windows per step. seed: window order and the initialisation of ``A``.
+        progress: a progress bar over the steps.
+
+    Returns:
+        The training loss (mean next-token cross-entropy) of every step, before its update.
+
+    Raises:
+        ValueError: bad windows or options; no decoder linear layer in the graph; a non-finite loss.
+    """
+    _check_windows(windows)
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if steps == 0:
+        return []
+    if rank_and_world()[1] > 1:
+        raise ValueError("the low-rank correction does not run under torch.distributed yet; use one process")
+    targets = get_groups(gm).param_targets
+    names = sorted({targets[lay.weight] for lay in sparse_layers(gm)})
+    if not names:
+        raise ValueError("found no decoder linear layer to correct in this graph")
+    gen = torch.Generator().manual_seed(seed)
+    weights = {n: gm.get_parameter(n) for n in names}
+    device = next(iter(weights.values())).device
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for n, w in weights.items():
+        rows, cols = w.shape
+        a = (torch.rand(rank, cols, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(cols)
+        b = torch.zeros(rows, rank, dtype=torch.float32)
+        adapters[n] = (a.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
+    opt = torch.optim.Adam([t for ab in adapters.values() for t in ab], lr=lr)
+    order: list[int] = []
+    losses = []
+    for step in tqdm(range(steps), desc="low-rank correction", disable=not progress, leave=False):
+        if len(order) < batch_size:
+            order += torch.randperm(len(windows), generator=gen).tolist()
+        pick, order = order[:batch_size], order[batch_size:]
+        ids = windows[pick].to(device)
+        params = {k: p.detach() for k, p in gm.named_parameters()}  # no gradients for the weights themselves
+        params.update({n: w.detach() + (b @ a).to(w.dtype) for n, w in weights.items() for a, b in [adapters[n]]})
+        logits = torch.func.functional_call(gm, params, (ids,), strict=False)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        if not torch.isfinite(loss):
+            raise ValueError(f"low-rank correction: the loss became {loss.item()} at step {step}; lower lr")
+        losses.append(loss.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        for n, w in weights.items():
+            a, b = adapters[n]
+            w.add_((b @ a).to(w.dtype))
+    return losses
