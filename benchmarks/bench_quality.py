@@ -154,7 +154,7 @@ def main() -> int:
     ap.add_argument(
         "--dense-lora-steps", type=int, default=0, help="also score the dense model after this many correction steps"
     )
-    ap.add_argument("--dense-lora-lr", type=float, default=1e-4, help="their learning rate (default 1e-4)")
+    ap.add_argument("--dense-lora-lr", type=float, default=1e-3, help="their learning rate (default 1e-3)")
     ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
     args = ap.parse_args()
     for method in args.methods.split(","):
@@ -273,7 +273,7 @@ def main() -> int:
             # variants: "surgeon:noupdate" (costs only), "surgeon:d0.1" (damping 0.1), "surgeon:true" (true
             # Fisher), "surgeon:s4" (4 shots per 10%), "surgeon:nores" (no residual channels), "surgeon:all"
             # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32",
-            # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":lr1e-4" its rate)
+            # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":lr1e-3" its rate)
             base, *opts = method.split(":")
             extra = {
                 "update": "none" if "noupdate" in opts else args.update,

@@ -111,7 +111,8 @@ def spread(per_param: dict[str, float]) -> str:
     return f"min {100 * vals[0]:.1f}% median {100 * vals[len(vals) // 2]:.1f}% max {100 * vals[-1]:.1f}%; {by_kind}"
 
 
-def quality(model, calib, ev, args) -> dict:
+def quality(model, calib, ev, args, on_cell=None) -> dict:
+    """PPL of every (pattern, method) cell; ``on_cell(out)`` after each one (partial results reach disk)."""
     out = {}
     for pattern in args.patterns.split(","):
         for method in args.methods.split(","):
@@ -160,6 +161,8 @@ def quality(model, calib, ev, args) -> dict:
                 f"{pattern} {method}: ppl {ppl:.3f}, zero {100 * rep.reached:.2f}%, {seconds:.0f}s, nm violations {bad}"
             )
             say(f"  per-layer sparsity: {spread(rep.per_param)}")
+            if on_cell is not None:
+                on_cell(out)
             del sparse
             gc.collect()
             if torch.cuda.is_available():
@@ -367,24 +370,31 @@ def main() -> int:
     result["dense_ppl"] = None if ev is None else perplexity(model, ev, progress=False)
     if ev is not None:
         say(f"dense: ppl {result['dense_ppl']:.3f}")
-    result["quality"] = old.get("quality", {})
-    for pattern, rows in ({} if args.no_quality else quality(model, calib, ev, args)).items():
-        result["quality"].setdefault(pattern, {}).update(rows)
-    if not args.no_speed:
-        result["speed"] = speed(model, args)
-    elif "speed" in old:
-        result["speed"] = old["speed"]
     if old:
         result["command"] = old["command"] + " && " + result["command"]
     result["versions"] = versions()
     result["machine"] = machine(device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(result)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(text)
-    print(text)
-    with out.with_suffix(".log").open("a" if args.append else "w") as f:
-        f.write("\n".join([" ".join(["python", *sys.argv]), *LOG, text]) + "\n")
+    if "speed" in old:
+        result["speed"] = old["speed"]
+    base = old.get("quality", {})
+
+    def write(cells: dict) -> str:
+        """Write the JSON / markdown / log as they stand (after every cell, so a cut run keeps its table)."""
+        result["quality"] = {p: {**base.get(p, {}), **cells.get(p, {})} for p in {*base, *cells}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = markdown(result)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(text)
+        prior = "".join(f"{line}\n" for line in previous_log)
+        out.with_suffix(".log").write_text(prior + "\n".join([" ".join(["python", *sys.argv]), *LOG, text]) + "\n")
+        return text
+
+    log_path = out.with_suffix(".log")
+    previous_log = log_path.read_text().splitlines() if args.append and log_path.exists() else []
+    cells = {} if args.no_quality else quality(model, calib, ev, args, on_cell=write)
+    if not args.no_speed:
+        result["speed"] = speed(model, args)
+    print(write(cells))
     return 0
 
 

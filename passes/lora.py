@@ -42,7 +42,7 @@ def apply_low_rank_correction_(
     *,
     steps: int,
     rank: int = 8,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
