@@ -200,9 +200,9 @@ def main() -> int:
         tuned = copy.deepcopy(model)
         gm = sf.trace(tuned)
         annotate_groups(gm)
-        steps, lr = args.dense_lora_steps, args.dense_lora_lr
-        apply_low_rank_correction_(gm, calib, steps=steps, lr=lr, batch_size=args.batch_size, progress=False)
-        result["dense_lora"] = {"steps": steps, "lr": lr, "rank": 8, "ppl": perplexity(tuned, ev, progress=False)}
+        steps, lr, rank = args.dense_lora_steps, args.dense_lora_lr, sf.CompressConfig.lora_rank  # compress's default
+        apply_low_rank_correction_(gm, calib, steps=steps, rank=rank, lr=lr, batch_size=args.batch_size, progress=False)
+        result["dense_lora"] = {"steps": steps, "lr": lr, "rank": rank, "ppl": perplexity(tuned, ev, progress=False)}
         print(f"dense + {steps} correction steps (lr {lr}): ppl {result['dense_lora']['ppl']:.3f}", flush=True)
         del tuned, gm
     if args.speed:

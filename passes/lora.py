@@ -90,6 +90,7 @@ def apply_low_rank_correction_(
         a = (torch.rand(rank, cols, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(cols)
         b = torch.zeros(rows, rank, dtype=torch.float32)
         adapters[n] = (a.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
+    frozen = {k: p.detach() for k, p in gm.named_parameters()}  # no gradients for the weights themselves
     opt = torch.optim.Adam([t for ab in adapters.values() for t in ab], lr=lr)
     order: list[int] = []
     losses = []
@@ -98,7 +99,7 @@ def apply_low_rank_correction_(
             order += torch.randperm(len(windows), generator=gen).tolist()
         pick, order = order[:batch_size], order[batch_size:]
         ids = windows[pick].to(device)
-        params = {k: p.detach() for k, p in gm.named_parameters()}  # no gradients for the weights themselves
+        params = dict(frozen)
         params.update({n: w.detach() + (b @ a).to(w.dtype) for n, w in weights.items() for a, b in [adapters[n]]})
         logits = torch.func.functional_call(gm, params, (ids,), strict=False)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -187,7 +187,12 @@ def annotate_masks(
         for lay in layers:
             a = curv.factor_a(lay) if method == "wanda" else None
             masks[lay.weight] = _baseline_mask(gm, lay, method, a, pattern, ratio, fraction, priors[lay.node])
-    gm.meta[MASKS] = Masks(masks, method, pattern, ratio if nm is None else 1 - nm[0] / nm[1])
+    gm.meta[MASKS] = Masks(masks, method, pattern, _target(pattern, ratio))
+
+
+def _target(pattern, ratio: float) -> float:
+    """The fraction of zeros a run aims at: ``ratio`` when unstructured, ``1 - N/M`` for N:M."""
+    return ratio if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
 
 
 def _baseline_mask(gm, lay: Layer, method: str, a, pattern, ratio: float, fraction: float, pri) -> torch.Tensor:
@@ -243,8 +248,7 @@ def apply_wanda_(
             mask = _baseline_mask(gm, lay, "wanda", curv.factor_a(lay), pattern, ratio, fraction, priors[lay.node])
             gm.get_parameter(analysis.param_targets[lay.weight]).masked_fill_(mask, 0.0)
             masks[lay.weight] = mask
-    tgt = ratio if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
-    gm.meta[MASKS] = Masks(masks, "wanda", pattern, tgt)
+    gm.meta[MASKS] = Masks(masks, "wanda", pattern, _target(pattern, ratio))
 
 
 ROWS = ("coupled", "independent")
@@ -382,8 +386,7 @@ def apply_sparsegpt_(
         for lay in stage:
             a = curv.factor_a(lay)
             masks[lay.weight] = _sparsegpt_layer_(gm, lay, a, pattern, ratio * fraction, fraction, priors, damp, block)
-    tgt = ratio if pattern == "unstructured" else 1 - pattern[0] / pattern[1]
-    gm.meta[MASKS] = Masks(masks, "sparsegpt", pattern, tgt)
+    gm.meta[MASKS] = Masks(masks, "sparsegpt", pattern, _target(pattern, ratio))
 
 
 def _sparsegpt_layer_(gm, lay: Layer, a: torch.Tensor, pattern, ratio: float, fraction: float, priors, damp, block):

@@ -42,6 +42,7 @@ from .curvature import (
     find_layers,
     sweep_precision,
 )
+from .groups import get_groups
 
 __all__ = ["staged_inputs", "stage_cuts"]
 
@@ -70,8 +71,6 @@ def stage_cuts(gm: fx.GraphModule, stages: Sequence[Sequence[str]]) -> list[int]
         if n.op == "get_attr":
             by_id.setdefault(id(_fetch(gm, n.target)), []).append(n)
     params = dict(gm.named_parameters(remove_duplicate=False))
-    from .groups import get_groups
-
     targets = get_groups(gm).param_targets
     first: list[int] = []  # earliest node depending on each stage's parameters
     for stage in stages:
@@ -194,11 +193,12 @@ def staged_inputs(
         nxt = cuts[s + 1] if s + 1 < len(stages) else None
         end = max(stop, nxt or 0)
         start = cuts[s] if s else run.index[holders[0]] + 1
+        attrs = {n: _fetch(gm, n.target) for n in run.attrs_live_at(start)}  # parameters: read afresh each stage
         for b, i in enumerate(mine):
             ids = windows[i : i + batch_size].to(device)
             env = _move(kept[b], device) if offload else dict(kept[b])
             env[holders[0]] = ids
-            env.update((n, _fetch(gm, n.target)) for n in run.attrs_live_at(start))
+            env.update(attrs)
             seen: set[str] = set()
             with sweep_precision(precision, device):
                 for j in range(start, end + 1):

@@ -380,9 +380,10 @@ def compress(
         fields["method"] = "surgeon"
     cfg = CompressConfig(**fields)
     check_model(model)
-    if cfg.method in CURVATURE_METHODS + SPARSE_METHODS[2:] or cfg.lora_steps:
+    method_needs_data = cfg.method in CURVATURE_METHODS + SPARSE_METHODS[2:]
+    if method_needs_data or cfg.lora_steps:
         if calibration is None:
-            who = f"method {cfg.method!r}" if cfg.method in CURVATURE_METHODS + SPARSE_METHODS[2:] else "lora_steps"
+            who = f"method {cfg.method!r}" if method_needs_data else "lora_steps"
             raise ValueError(
                 f"{who} needs calibration windows: pass calibration=surgeon_fx.data."
                 "calibration_windows('wiki', tokenizer, n=128, seq_len=2048), or use method='magnitude'"

@@ -82,6 +82,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         on_shot: optional callback ``on_shot(shot, model, plan)`` after every shot (e.g. evaluation).
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
+    from .passes.lora import apply_low_rank_correction_
     from .passes.norms import rescale_norms_
     from .passes.obs import apply_obs_updates_
 
@@ -154,8 +155,6 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             annotate_groups(gm, on_unknown=cfg.on_unknown)
             clock("groups")
         if cfg.lora_steps:  # the paper's interleaved low-rank first-order correction; gm shares work's weights
-            from .passes.lora import apply_low_rank_correction_
-
             apply_low_rank_correction_(
                 gm,
                 calibration,
