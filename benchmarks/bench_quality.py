@@ -154,7 +154,7 @@ def main() -> int:
     ap.add_argument(
         "--dense-lora-steps", type=int, default=0, help="also score the dense model after this many correction steps"
     )
-    ap.add_argument("--dense-lora-lr", type=float, default=1e-3, help="their learning rate (default 1e-3)")
+    ap.add_argument("--dense-lora-lr", type=float, default=3e-4, help="their learning rate (default 3e-4)")
     ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
     args = ap.parse_args()
     for method in args.methods.split(","):

@@ -118,7 +118,8 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
         for method in args.methods.split(","):
             t0 = time.perf_counter()
             # variants: "surgeon:independent" (rows treated independently), "surgeon:layer" (same sparsity in every layer), "surgeon:d0.1" (damping), "surgeon:s8"
-            # (shots), "surgeon:noupdate" (no OBS update); combine them: "surgeon:layer:d0.1"
+            # (shots), "surgeon:noupdate" (no OBS update), "surgeon:l16" (16 low-rank correction steps after every
+            # shot, zeros kept; ":lr3e-4" its rate, ":r8" its rank, ":b8" windows per step); combine them: "surgeon:layer:d0.1"
             base, *opts = method.split(":")
             kw = {"damping": args.damping, "sparsity_scope": args.scope}
             shots = args.shots if base == "surgeon" else 1
@@ -129,10 +130,20 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                     kw["sparsity_scope"] = o
                 elif o in ("independent", "coupled"):  # rows of the element costs and update
                     kw["sparsity_rows"] = o
+                elif o.startswith("lr"):
+                    kw["lora_lr"] = float(o[2:])
+                elif o.startswith("l") and o[1:].isdigit():
+                    kw["lora_steps"] = int(o[1:])
+                elif o.startswith("r") and o[1:].isdigit():
+                    kw["lora_rank"] = int(o[1:])
+                elif o.startswith("b") and o[1:].isdigit():
+                    kw["batch_size"] = int(o[1:])
                 elif o.startswith("d"):
                     kw["damping"] = float(o[1:])
                 elif o.startswith("s"):
                     shots = int(o[1:])
+                else:
+                    raise SystemExit(f"unknown method variant {o!r} in {method!r}")
             sparse = sf.compress(
                 model,
                 0.0,

@@ -49,8 +49,11 @@ def ms(fn, min_run: float) -> float:
 def layer_forms(tokens: int, min_run: float) -> None:
     dev, dt = torch.device("cuda"), torch.float16
     say(f"\n## One layer, {tokens} tokens, fp16, ms (median)\n")
-    say("| weight (out x in) | dense | 2:4 2-D | 2:4 3-D | nn.Linear 2:4 3-D | nn.Linear, magnitude mask | backend |")
-    say("|---|---|---|---|---|---|---|")
+    say(
+        "| weight (out x in) | dense | 2:4 2-D | 2:4 3-D | nn.Linear 2:4 3-D | nn.Linear, magnitude mask "
+        "| fused transpose 3-D | its output contiguous, max abs error vs dense | backend |"
+    )
+    say("|---|---|---|---|---|---|---|---|---|")
     for r, c in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         x2 = torch.randn(tokens, c, device=dev, dtype=dt)
         x3 = x2.view(1, tokens, c)
@@ -65,14 +68,22 @@ def layer_forms(tokens: int, min_run: float) -> None:
         keep = w.abs().view(r, c // 4, 4).argsort(-1, descending=True)[..., :2]
         mmask = torch.zeros(r, c // 4, 4, device=dev, dtype=dt).scatter_(-1, keep, 1.0).view(r, c)
         mag.weight = torch.nn.Parameter(torch.sparse.to_sparse_semi_structured(w * mmask), requires_grad=False)
+        wf = torch.sparse.to_sparse_semi_structured(w * fixed)
+        if isinstance(wf, torch.sparse.SparseSemiStructuredTensorCUSPARSELT):
+            wf.fuse_transpose_cusparselt = True
+        with torch.no_grad():
+            yf = F.linear(x3, wf)
+            err = (yf.float() - F.linear(x3, w * fixed).float()).abs().max().item()
         row = [
             ms(partial(F.linear, x2, w), min_run),
             ms(partial(F.linear, x2, ws), min_run),
             ms(partial(F.linear, x3, ws), min_run),
             ms(partial(lin, x3), min_run),
             ms(partial(mag, x3), min_run),
+            ms(partial(F.linear, x3, wf), min_run),
         ]
-        say(f"| {r} x {c} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {type(ws).__name__} |")
+        cells = " | ".join(f"{v:.3f}" for v in row)
+        say(f"| {r} x {c} | {cells} | {yf.is_contiguous()}, {err:.3g} | {type(ws).__name__} |")
 
 
 def profile_model(tokens: int) -> None:

@@ -9,7 +9,8 @@ local quadratic model; these steps let the model move to the loss it actually ha
 
 Reads: a graph called as ``gm(input_ids) -> logits`` and calibration windows. Writes: the decoder
 linear weights of ``gm`` in place (the layers of :func:`~surgeon_fx.passes.sparsity.sparse_layers`:
-never embeddings, the LM head, norms or biases; shapes never change). Nothing else in the graph
+never embeddings, the LM head, norms or biases; shapes never change; with ``keep_zeros`` their zero
+entries stay zero, so a sparse pattern survives). Nothing else in the graph
 changes, so the pass composes with the others between shots. Invariant: with a fixed ``seed`` the
 window order and the adapters' initialisation are fixed (same seed, same result on one device).
 
@@ -45,6 +46,7 @@ def apply_low_rank_correction_(
     lr: float = 1e-3,
     batch_size: int = 1,
     seed: int = 0,
+    keep_zeros: bool = False,
     progress: bool = True,
 ) -> list[float]:
     """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
@@ -56,6 +58,9 @@ def apply_low_rank_correction_(
         steps: Adam steps (0: nothing happens).
         rank: rank of each weight's update. lr: Adam's learning rate.
         batch_size: windows per step. seed: window order and the initialisation of ``A``.
+        keep_zeros: every weight entry that is exactly zero when the pass starts stays exactly
+            zero: the update is ``M * (B A)`` with ``M`` the mask of non-zero entries, in training
+            and in the merge. For sparse models (unstructured or N:M), whose pattern it keeps.
         progress: a progress bar over the steps.
 
     Returns:
@@ -90,6 +95,13 @@ def apply_low_rank_correction_(
         a = (torch.rand(rank, cols, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(cols)
         b = torch.zeros(rows, rank, dtype=torch.float32)
         adapters[n] = (a.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
+    keep = {n: w.detach() != 0 for n, w in weights.items()} if keep_zeros else {}
+
+    def delta(n: str) -> torch.Tensor:
+        a, b = adapters[n]
+        d = (b @ a).to(weights[n].dtype)
+        return d * keep[n] if keep_zeros else d
+
     frozen = {k: p.detach() for k, p in gm.named_parameters()}  # no gradients for the weights themselves
     opt = torch.optim.Adam([t for ab in adapters.values() for t in ab], lr=lr)
     order: list[int] = []
@@ -100,7 +112,7 @@ def apply_low_rank_correction_(
         pick, order = order[:batch_size], order[batch_size:]
         ids = windows[pick].to(device)
         params = dict(frozen)
-        params.update({n: w.detach() + (b @ a).to(w.dtype) for n, w in weights.items() for a, b in [adapters[n]]})
+        params.update({n: w.detach() + delta(n) for n, w in weights.items()})
         logits = torch.func.functional_call(gm, params, (ids,), strict=False)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         if not torch.isfinite(loss):
@@ -111,6 +123,5 @@ def apply_low_rank_correction_(
         opt.step()
     with torch.no_grad():
         for n, w in weights.items():
-            a, b = adapters[n]
-            w.add_((b @ a).to(w.dtype))
+            w.add_(delta(n))
     return losses

@@ -247,11 +247,12 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         "--lora-steps",
         type=int,
         default=0,
-        help="after every structured shot, this many Adam steps of a low-rank correction on the calibration "
-        "windows, merged into the weights (the paper's interleaved LoRA updates; default 0: none)",
+        help="after every shot, this many Adam steps of a low-rank correction on the calibration "
+        "windows, merged into the weights (the paper's interleaved LoRA updates; after sparsity shots masked "
+        "so that zeros stay zero; default 0: none)",
     )
     c.add_argument("--lora-rank", type=int, default=8, help="rank of that correction (default 8)")
-    c.add_argument("--lora-lr", type=float, default=1e-3, help="its Adam learning rate (default 1e-3)")
+    c.add_argument("--lora-lr", type=float, default=3e-4, help="its Adam learning rate (default 3e-4)")
     c.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window (default 2048)")
     text_args(c, 8, 512)

@@ -172,8 +172,9 @@ def to_semi_structured_(model: nn.Module, params=None) -> list[str]:
 
     PyTorch's semi-structured kernels (cuSPARSELt / CUTLASS) need a CUDA GPU of compute capability
     8.0 or newer, fp16 or bf16 weights, and weight shapes that are multiples of 64 (rows >= 32);
-    layers that do not fit, or are not exactly 2:4, are left dense. A forward hook makes each
-    converted layer's output contiguous (the sparse kernel writes it column-major). Run the model under
+    layers that do not fit, or are not exactly 2:4, are left dense. The product ``x W^T`` is
+    computed as ``(W x^T)^T``, which the sparse kernel writes column-major; a forward hook makes each
+    converted layer's output contiguous (a copy). Run the model under
     ``torch.no_grad()``; the result is for inference only.
 
     Args:
@@ -214,5 +215,10 @@ def _contiguous_output(module, args, out):
     """The semi-structured matmul returns its result transposed in memory (column-major). Attention
     kernels need a unit stride on the head dimension, so a projection's output in that layout sends
     ``scaled_dot_product_attention`` to its slow float32 math fallback (profiled on an H200,
-    ``benchmarks/results/h200_session5/profile_2to4_h200.log``); one copy avoids it."""
+    ``benchmarks/results/h200_session5/profile_2to4_h200.log``); one copy avoids it. The copies take 22%
+    of the 2:4 model's GPU time (``h200_session6/profile_2to4_h200_contiguous.log``, torch 2.11). Asking
+    cuSPARSELt for the transposed result instead (``fuse_transpose_cusparselt=True``) gives a contiguous,
+    correct output but took 190-350 ms per call there instead of 0.6-5 ms
+    (``h200_session6/profile_2to4_h200_fused.log``), so it is not done here. torch 2.13's own linear
+    path asks for the transposed result itself (not yet measured on a GPU); the hook is then a no-op."""
     return out.contiguous()

@@ -82,7 +82,6 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         on_shot: optional callback ``on_shot(shot, model, plan)`` after every shot (e.g. evaluation).
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
-    from .passes.lora import apply_low_rank_correction_
     from .passes.norms import rescale_norms_
     from .passes.obs import apply_obs_updates_
 
@@ -155,16 +154,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             annotate_groups(gm, on_unknown=cfg.on_unknown)
             clock("groups")
         if cfg.lora_steps:  # the paper's interleaved low-rank first-order correction; gm shares work's weights
-            apply_low_rank_correction_(
-                gm,
-                calibration,
-                steps=cfg.lora_steps,
-                rank=cfg.lora_rank,
-                lr=cfg.lora_lr,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed + t,
-                progress=progress,
-            )
+            low_rank_correction_(gm, calibration, cfg, t, progress=progress)
             clock("lora")
         dt = time.perf_counter() - t0
         log.info(
@@ -208,6 +198,23 @@ class _Clock:
 
     def summary(self) -> str:
         return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+
+
+def low_rank_correction_(gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True):
+    """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate and batch size (seed + shot)."""
+    from .passes.lora import apply_low_rank_correction_
+
+    apply_low_rank_correction_(
+        gm,
+        calibration,
+        steps=cfg.lora_steps,
+        rank=cfg.lora_rank,
+        lr=cfg.lora_lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed + shot,
+        keep_zeros=keep_zeros,
+        progress=progress,
+    )
 
 
 def sweep_curvature(

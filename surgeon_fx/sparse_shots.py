@@ -82,7 +82,19 @@ def sparsity_checkpoint(checkpoint_dir: str | Path) -> Path:
 
 def _state_of(cfg) -> dict:
     """What a sparsity checkpoint must match to be resumed by this config."""
-    keys = ("sparsity", "method", "shots", "sparsity_ratio", "sparsity_rows", "sparsity_scope", "damping", "fisher")
+    keys = (
+        "sparsity",
+        "method",
+        "shots",
+        "sparsity_ratio",
+        "sparsity_rows",
+        "sparsity_scope",
+        "damping",
+        "fisher",
+        "lora_steps",
+        "lora_rank",
+        "lora_lr",
+    )
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -142,7 +154,8 @@ def run_sparsity_shots(
 ) -> tuple[SparsityReport, fx.GraphModule]:
     """Sparsify ``work`` in place over ``cfg.shots`` shots.
 
-    Each shot: (curvature sweep on the current weights unless magnitude) -> masks -> update/zero.
+    Each shot: (curvature sweep on the current weights unless magnitude) -> masks -> update/zero
+    -> (with ``cfg.lora_steps``) the low-rank correction with the zeros kept.
 
     Args:
         work: the model (in place).
@@ -160,7 +173,7 @@ def run_sparsity_shots(
     """
     from .passes import annotate_groups
     from .passes.sparsity import annotate_masks, apply_masks_, apply_sparsegpt_, apply_wanda_, sparse_layers
-    from .shots import sweep_curvature
+    from .shots import low_rank_correction_, sweep_curvature
 
     pattern = parse_sparsity(cfg.sparsity)
     name = cfg.sparsity
@@ -208,6 +221,8 @@ def run_sparsity_shots(
             )
             apply_masks_(gm, update=update, damping=cfg.damping, chunk_size=cfg.chunk_size, rows=cfg.sparsity_rows)
         prior = gm.meta[MASKS].masks
+        if cfg.lora_steps:  # the low-rank correction, masked so that every removed entry stays zero
+            low_rank_correction_(gm, calibration, cfg, t, keep_zeros=True, progress=progress)
         report = _report(work, params, name, cfg.method, target)
         if ckpt is not None:
             _save_shot(work, prior, t, cfg, ckpt)

@@ -17,8 +17,9 @@ import surgeon_fx as sf
 CALIB = ids(6, 12, seed=3)
 
 
-def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed):
-    """Oracle: LoRA on the eager model through forward hooks ``y + B (A x)``, Adam, then merged."""
+def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed, keep_zeros=False):
+    """Oracle: LoRA on the eager model through forward hooks ``y + B (A x)``, Adam, then merged; with
+    ``keep_zeros`` the hook adds ``(M * (B A)) x`` with ``M`` the non-zero entries of the weight."""
     gen = torch.Generator().manual_seed(seed)
     mods = {n: model.get_submodule(n.rsplit(".", 1)[0]) for n in names}
     ab = {}
@@ -26,10 +27,14 @@ def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed):
         rows, cols = m.weight.shape
         a = ((torch.rand(rank, cols, generator=gen) * 2 - 1) / math.sqrt(cols)).requires_grad_(True)
         ab[n] = (a, torch.zeros(rows, rank, requires_grad=True))
-    hooks = [
-        m.register_forward_hook(lambda m, i, o, n=n: o + F.linear(F.linear(i[0], ab[n][0]), ab[n][1]))
-        for n, m in mods.items()
-    ]
+    keep = {n: (m.weight != 0).float() for n, m in mods.items()}
+
+    def hook(m, i, o, n):
+        if keep_zeros:
+            return o + F.linear(i[0], (ab[n][1] @ ab[n][0]) * keep[n])
+        return o + F.linear(F.linear(i[0], ab[n][0]), ab[n][1])
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n, m in mods.items()]
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam([t for pair in ab.values() for t in pair], lr=lr)
@@ -48,7 +53,7 @@ def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed):
         h.remove()
     with torch.no_grad():
         for n, m in mods.items():
-            m.weight.add_(ab[n][1] @ ab[n][0])
+            m.weight.add_((ab[n][1] @ ab[n][0]) * (keep[n] if keep_zeros else 1))
     return model
 
 
@@ -99,6 +104,24 @@ def test_compress_runs_the_correction_after_each_structured_shot():
         assert torch.equal(v, again.state_dict()[k])
     for k, v in model.state_dict().items():
         assert torch.equal(v, orig[k])
+
+
+def test_sparse_shots_get_the_masked_correction():
+    """After sparsity shots the update is ``M * (B A)``: it equals masked LoRA on the eager model, every
+    zero of the plain 2:4 result stays zero (the pattern holds), and the other weights move."""
+    model = tiny_model("llama")
+    kw = dict(calibration=CALIB, sparsity="2:4", method="magnitude", shots=1, progress=False)
+    got = sf.compress(model, 0.0, lora_steps=3, seed=4, **kw)
+    plain = sf.compress(model, 0.0, seed=4, **kw)
+    params = got.surgeon_fx_sparsity.params
+    assert sum(sf.check_nm(got, 2, 4, params=params).values()) == 0
+    before = {p: plain.get_parameter(p).detach().clone() for p in params}
+    ref = _eager_lora(plain, list(params), steps=3, rank=8, lr=3e-4, batch_size=1, seed=5, keep_zeros=True)
+    for p in params:
+        w = got.get_parameter(p)
+        torch.testing.assert_close(w, ref.get_parameter(p), rtol=1e-4, atol=1e-5)
+        assert torch.equal(w == 0, before[p] == 0), p
+    assert all(not torch.equal(got.get_parameter(p), before[p]) for p in params)
 
 
 @pytest.mark.parametrize(
