@@ -10,6 +10,9 @@ and ``sf.to_semi_structured_``) and prints the ops that take the GPU time, dense
 
     python benchmarks/profile_2to4.py --out benchmarks/results/profile_2to4_h200
 
+``--hooks-only`` instead times a ``--layers``-layer model of that shape under CUDA graphs with the
+contiguous-output copy after every 2:4 layer, after none, and after all but the MLP gate/up layers.
+
 Writes ``<out>.log`` (the printed tables) with the command, versions and machine.
 """
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 from _env import machine, versions
-from bench_sparse import random_llama
+from bench_sparse import _timer, random_llama
 
 import surgeon_fx as sf
 
@@ -113,18 +116,72 @@ def profile_model(tokens: int) -> None:
         say(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
+def hook_variants(layers: int, shapes: list[tuple[int, int]], min_run: float) -> None:
+    """Whole-model forward under CUDA graphs with the contiguous-output hook on every 2:4 layer, on
+    none, and on all but the MLP's gate/up projections (whose outputs only meet elementwise ops before
+    ``down_proj``, which takes a column-major input as it is). Names are used here to pick the layers
+    for this experiment only."""
+    dev, dt = torch.device("cuda"), torch.float16
+    model = random_llama(layers)
+    sparse = sf.compress(model, 0.0, sparsity="2:4", method="magnitude", progress=False)
+    params = list(sparse.surgeon_fx_sparsity.params)
+    dense = copy.deepcopy(model).to(dev, dt).eval()
+    sparse = sparse.to(dev, dt).eval()
+    sf.to_semi_structured_(sparse, params)
+    hooks = {n: dict(m._forward_hooks) for n, m in sparse.named_modules() if m._forward_hooks}
+
+    def set_hooks(keep) -> None:
+        for n, m in sparse.named_modules():
+            if n in hooks:
+                m._forward_hooks.clear()
+                if keep(n):
+                    m._forward_hooks.update(hooks[n])
+
+    variants = {
+        "2:4, hook on every layer": lambda n: True,
+        "2:4, no hook on gate/up": lambda n: not n.endswith(("gate_proj", "up_proj")),
+        "2:4, no hook": lambda n: False,
+    }
+    say(f"\n## Whole model, {layers} layers, CUDA graph, fp16, ms (median)\n")
+    say("| batch x seq | dense | " + " | ".join(variants) + " | max abs logit diff, no hook on gate/up vs every |")
+    say("|---|---|" + "---|" * len(variants) + "---|")
+    for b, t in shapes:
+        ids = torch.randint(0, 100, (b, t), device=dev)
+        row = [_timer(lambda ids=ids: dense(input_ids=ids, use_cache=False), "dense", min_run, graph=True)]
+        outs = {}
+        for label, keep in variants.items():
+            set_hooks(keep)
+            with torch.no_grad():
+                outs[label] = sparse(input_ids=ids, use_cache=False).logits.float()
+            row.append(_timer(lambda ids=ids: sparse(input_ids=ids, use_cache=False), label, min_run, graph=True))
+        diff = (outs["2:4, no hook on gate/up"] - outs["2:4, hook on every layer"]).abs().max().item()
+        cells = " | ".join("-" if v is None else f"{v:.2f}" for v in row)
+        say(f"| {b}x{t} | {cells} | {diff:.3g} |")
+        del outs
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="2048,32768", help="tokens per layer call (batch x sequence)")
     ap.add_argument("--min-run", type=float, default=0.5)
     ap.add_argument("--out", default="benchmarks/results/profile_2to4")
+    ap.add_argument(
+        "--hooks-only",
+        action="store_true",
+        help="only the whole-model CUDA-graph timing with and without the contiguous-output hooks",
+    )
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the hook experiment")
     args = ap.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         print("profile_2to4.py needs a CUDA GPU of sm80+", file=sys.stderr)
         return 2
-    for t in (int(v) for v in args.tokens.split(",")):
-        layer_forms(t, args.min_run)
-    profile_model(2048)
+    if args.hooks_only:
+        hook_variants(args.layers, [(1, 2048), (16, 2048)], args.min_run)
+    else:
+        for t in (int(v) for v in args.tokens.split(",")):
+            layer_forms(t, args.min_run)
+        profile_model(2048)
     say(f"\nCommand: `python {' '.join(sys.argv)}`")
     say(f"Versions: {versions()}; machine: {machine(torch.device('cuda'))}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

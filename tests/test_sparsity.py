@@ -498,3 +498,20 @@ def test_staged_inputs_equal_fresh_forward_passes_after_each_change(family, offl
             for k in stages[s]:
                 w = gm.get_parameter(targets[found[k][0].weight])
                 w.mul_(1 + 0.5 * torch.rand(w.shape, generator=gen))
+
+
+@pytest.mark.parametrize("family,free", [("llama", ("gate_proj", "up_proj")), ("phi", ("fc1",))])
+def test_layout_free_outputs_are_read_from_the_graph(family, free):
+    """The 2:4 export skips the contiguous copy exactly for the layers whose output only flows through
+    elementwise ops into another converted layer (MLP gate/up, fc1); not when that layer stays dense."""
+    from surgeon_fx.patterns import _layout_free_outputs
+
+    model = tiny_model(family).eval()
+    names = {f"{k}.weight" for k, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    got = _layout_free_outputs(model, names)
+    want = {n for n in names if n.rsplit(".", 2)[-2] in free}
+    assert got == want and want
+    consumers = {n for n in names if n.rsplit(".", 2)[-2] in ("down_proj", "fc2")}
+    assert _layout_free_outputs(model, names - consumers) == set()
+    with pytest.raises(ValueError, match="contiguous"):
+        sf.to_semi_structured_(model, contiguous="some")
