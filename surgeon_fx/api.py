@@ -70,7 +70,8 @@ class CompressConfig:
             (:func:`surgeon_fx.passes.norms.rescale_norms_`).
         checkpoint_dir: save the model and composed plan after every shot there, and resume from it.
             With ``sparsity``, the sparsity shots save their weights and masks in its ``sparsity/``
-            subfolder and resume from there too; a resumed run gives the same result.
+            subfolder and resume from there too; a resumed run gives the same result. A checkpoint
+            written with other options (ratio, method, shots, damping, correction, ...) is refused.
         sparsity: ``None`` (structured only), ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most
             N nonzeros in every M consecutive inputs) for the decoder linear weights, applied after
             the structured shots (``ratio`` may be 0); methods :data:`SPARSE_METHODS`. ``shots``

@@ -170,7 +170,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         timings.append(clock.seconds)
         bar.set_postfix(removed=f"{100 * composed.ratio:.1f}%", seconds=f"{dt:.1f}")
         if ckpt is not None:
-            _save(work, composed, t, ckpt)
+            _save(work, composed, t, ckpt, cfg)
         if on_shot is not None:
             on_shot(t, work if cfg.output == "module" else gm, composed)
     if composed is None:
@@ -354,7 +354,33 @@ def curvature_and_costs(gm: fx.GraphModule, calibration, cfg, shot: int, *, prog
             clock("costs")
 
 
-def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path) -> None:
+RUN_KEYS = (
+    "ratio",
+    "method",
+    "basis",
+    "kinds",
+    "min_atoms",
+    "seed",
+    "uniform",
+    "multiple",
+    "shots",
+    "fisher",
+    "damping",
+    "update",
+    "sides",
+    "rescale_norms",
+    "lora_steps",
+    "lora_rank",
+    "lora_lr",
+)
+"""The options a structured checkpoint must share with the run that resumes it."""
+
+
+def _run_state(cfg) -> dict:
+    return json.loads(json.dumps({k: getattr(cfg, k) for k in RUN_KEYS}))  # tuples as lists, as read back
+
+
+def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path, cfg) -> None:
     """Write the shot's weights and composed plan (rank 0 only under ``torch.distributed``: every
     rank holds the same state, and ranks writing one folder would race)."""
     from safetensors.torch import save_model
@@ -368,7 +394,7 @@ def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path) -> None:
     tmp = ckpt / "weights.safetensors.tmp"
     save_model(work, str(tmp))
     tmp.replace(ckpt / "weights.safetensors")
-    state = {"shot": shot, "plan": plan.to_dict()}
+    state = {"shot": shot, "plan": plan.to_dict(), "config": _run_state(cfg)}
     (ckpt / "state.json.tmp").write_text(json.dumps(state))
     (ckpt / "state.json.tmp").replace(ckpt / "state.json")
 
@@ -380,6 +406,14 @@ def _resume(work: nn.Module, ckpt: Path, cfg):
     from .passes import annotate_groups, apply_plan, apply_plan_to_module_
 
     state = json.loads((ckpt / "state.json").read_text())
+    want = _run_state(cfg)
+    if state.get("config", want) != want:
+        diff = sorted(k for k in want if state["config"].get(k) != want[k])
+        raise ValueError(
+            f"the checkpoint in {ckpt} was written by another run (it differs in {diff}: "
+            f"{ {k: state['config'].get(k) for k in diff} }, this run: { {k: want[k] for k in diff} }); "
+            "pass another checkpoint_dir or delete that folder"
+        )
     plan = Plan.from_dict(state["plan"])
     gm = trace(work)
     annotate_groups(gm, on_unknown=cfg.on_unknown)

@@ -159,6 +159,8 @@ def test_surgeon_compress_runs_multi_shot_and_resumes(tmp_path):
     x = ids(2, 9)
     torch.testing.assert_close(logits(again, x), logits(out, x))
     assert sum(p.numel() for p in out.parameters()) == out.surgeon_fx_plan.params_after
+    with pytest.raises(ValueError, match=r"another run \(it differs in \['damping', 'ratio'\]"):
+        sf.compress(m, 0.4, calibration=calib, shots=2, damping=0.1, checkpoint_dir=str(ck), progress=False)
 
 
 def test_calibration_errors_are_clear():
