@@ -109,9 +109,9 @@ class CompressConfig:
         lora_rank, lora_lr: rank and Adam learning rate of that correction. SmolLM2-135M, 40 shots
             to 50% on an H200 (``benchmarks/results/h200_session6/``): 16 steps of 8 windows per
             shot at ``3e-4`` lowered the perplexity at 90/80/70/60/50% from 26.4/33.0/45.0/63.8/103.3
-            to 23.7/28.9/37.6/53.6/77.3. A CPU ablation with 4 shots
-            (``benchmarks/results/ablation_cpu_session5/``) preferred ``1e-3`` (7-9% lower) over
-            ``1e-4`` and ``3e-3``; with many shots the merged updates add up, so the default is ``3e-4``.
+            to 23.7/28.9/37.6/53.6/77.3 (1e-3 not measured there). A CPU ablation with 4 shots
+            (``benchmarks/results/ablation_cpu_session5/``, ``ablation_cpu_session6/``) gave 24.1/29.8
+            at 90/80% with ``3e-4``, 23.2/29.8 with ``1e-3``, 24.7/31.4 with ``1e-4`` (none: 25.0/32.6).
     """
 
     ratio: float
