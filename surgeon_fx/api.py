@@ -72,6 +72,8 @@ class CompressConfig:
             With ``sparsity``, the sparsity shots save their weights and masks in its ``sparsity/``
             subfolder and resume from there too; a resumed run gives the same result. A checkpoint
             written with other options (ratio, method, shots, damping, correction, ...) is refused.
+            Each shot is committed by replacing one file (the weights, with the state in their
+            metadata), so an interrupted save leaves the previous shot intact.
         sparsity: ``None`` (structured only), ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: at most
             N nonzeros in every M consecutive inputs) for the decoder linear weights, applied after
             the structured shots (``ratio`` may be 0); methods :data:`SPARSE_METHODS`. ``shots``

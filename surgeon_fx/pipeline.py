@@ -148,8 +148,9 @@ def _checkpoint_dir(rd: RunDir, main: bool, rank0_has_shots: bool, stack: contex
         return rd.shots
     if not rank0_has_shots:
         return None
-    structured, sparse = rd.shots / "state.json", sparsity_checkpoint(rd.shots) / SPARSE_WEIGHTS
-    names = [p for p in (structured, structured.with_name("weights.safetensors")) if structured.is_file()]
+    structured, sparse = rd.shots / "weights.safetensors", sparsity_checkpoint(rd.shots) / SPARSE_WEIGHTS
+    # the structured weights carry their state; state.json is a copy for people, taken along when there
+    names = [p for p in (structured, structured.with_name("state.json")) if p.is_file()] if structured.is_file() else []
     if sparse.is_file():  # the sparsity shots' weights name the masks file they go with
         names += [sparse, *sorted(sparse.parent.glob("masks-*.safetensors"))]
     missing = [str(p) for p in names if not p.is_file()]
@@ -235,7 +236,7 @@ def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
         lambda: (
             rd.open(),
             rd.state,
-            (rd.shots / "state.json").is_file() or (sparsity_checkpoint(rd.shots) / SPARSE_WEIGHTS).is_file(),
+            (rd.shots / "weights.safetensors").is_file() or (sparsity_checkpoint(rd.shots) / SPARSE_WEIGHTS).is_file(),
         )
     )
     # every rank holds its resume state (or all stop) before rank 0 may save a later shot

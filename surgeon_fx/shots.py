@@ -93,8 +93,9 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
     composed: Plan | None = None
     start_shot = 1
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    if ckpt is not None and (ckpt / "state.json").exists():
-        composed, start_shot, gm = _resume(work, ckpt, cfg)
+    state = _read_state(ckpt) if ckpt is not None else None
+    if state is not None:
+        composed, start_shot, gm = _resume(work, ckpt, cfg, state)
     timings: list[dict[str, float]] = []
     work._surgeon_fx_timings = timings  # grows shot by shot (readable from on_shot)
     bar = tqdm(range(start_shot, cfg.shots + 1), desc="shots", disable=not progress)
@@ -381,8 +382,11 @@ def _run_state(cfg) -> dict:
 
 
 def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path, cfg) -> None:
-    """Write the shot's weights and composed plan (rank 0 only under ``torch.distributed``: every
-    rank holds the same state, and ranks writing one folder would race)."""
+    """Write the shot's weights with the composed plan in their metadata: replacing
+    ``weights.safetensors`` commits the shot in one step, so a crash leaves the previous shot or this
+    one, never a mix. ``state.json`` mirrors the state for people (resume reads the weights' metadata).
+    Rank 0 only under ``torch.distributed``: every rank holds the same state, and ranks writing one
+    folder would race."""
     from safetensors.torch import save_model
 
     from .launch import is_main
@@ -391,21 +395,38 @@ def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path, cfg) -> None:
         return
 
     ckpt.mkdir(parents=True, exist_ok=True)
+    state = json.dumps({"shot": shot, "plan": plan.to_dict(), "config": _run_state(cfg)})
     tmp = ckpt / "weights.safetensors.tmp"
-    save_model(work, str(tmp))
+    save_model(work, str(tmp), metadata={STATE_KEY: state})
     tmp.replace(ckpt / "weights.safetensors")
-    state = {"shot": shot, "plan": plan.to_dict(), "config": _run_state(cfg)}
-    (ckpt / "state.json.tmp").write_text(json.dumps(state))
+    (ckpt / "state.json.tmp").write_text(state)
     (ckpt / "state.json.tmp").replace(ckpt / "state.json")
 
 
-def _resume(work: nn.Module, ckpt: Path, cfg):
+STATE_KEY = "surgeon_fx_state"
+"""Metadata key of a structured checkpoint's ``weights.safetensors`` that holds its shot, plan and options."""
+
+
+def _read_state(ckpt: Path) -> dict | None:
+    """The committed state of a structured checkpoint (``None``: nothing committed there)."""
+    from safetensors import safe_open
+
+    path = ckpt / "weights.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = (f.metadata() or {}).get(STATE_KEY)
+    if meta is None:  # written before the state moved into the weights' metadata
+        return json.loads((ckpt / "state.json").read_text())
+    return json.loads(meta)
+
+
+def _resume(work: nn.Module, ckpt: Path, cfg, state: dict):
     """Rebuild the shapes of the last finished shot on ``work`` and load its weights."""
     from safetensors.torch import load_model
 
     from .passes import annotate_groups, apply_plan, apply_plan_to_module_
 
-    state = json.loads((ckpt / "state.json").read_text())
     want = _run_state(cfg)
     if state.get("config", want) != want:
         diff = sorted(k for k in want if state["config"].get(k) != want[k])
