@@ -43,7 +43,7 @@ def apply_low_rank_correction_(
     *,
     steps: int,
     rank: int = 8,
-    lr: float = 1e-3,
+    lr: float = 3e-4,
     batch_size: int = 1,
     seed: int = 0,
     keep_zeros: bool = False,
