@@ -407,15 +407,31 @@ STATE_KEY = "surgeon_fx_state"
 """Metadata key of a structured checkpoint's ``weights.safetensors`` that holds its shot, plan and options."""
 
 
-def _read_state(ckpt: Path) -> dict | None:
-    """The committed state of a structured checkpoint (``None``: nothing committed there)."""
+def checkpoint_metadata(path: Path, key: str) -> str | None:
+    """Metadata entry ``key`` of the safetensors file ``path`` (``None``: no such entry)."""
     from safetensors import safe_open
 
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get(key)
+
+
+def refuse_other_run(what: str, ckpt: Path, saved: dict, want: dict) -> None:
+    """Raise when the options ``saved`` with a checkpoint differ from this run's ``want``."""
+    diff = sorted(k for k in want if saved.get(k) != want[k])
+    if diff:
+        raise ValueError(
+            f"the {what} in {ckpt} was written by another run (it differs in {diff}: "
+            f"{ {k: saved.get(k) for k in diff} }, this run: { {k: want[k] for k in diff} }); "
+            "pass another checkpoint_dir or delete that folder"
+        )
+
+
+def _read_state(ckpt: Path) -> dict | None:
+    """The committed state of a structured checkpoint (``None``: nothing committed there)."""
     path = ckpt / "weights.safetensors"
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = (f.metadata() or {}).get(STATE_KEY)
+    meta = checkpoint_metadata(path, STATE_KEY)
     if meta is None:  # written before the state moved into the weights' metadata
         return json.loads((ckpt / "state.json").read_text())
     return json.loads(meta)
@@ -428,13 +444,7 @@ def _resume(work: nn.Module, ckpt: Path, cfg, state: dict):
     from .passes import annotate_groups, apply_plan, apply_plan_to_module_
 
     want = _run_state(cfg)
-    if state.get("config", want) != want:
-        diff = sorted(k for k in want if state["config"].get(k) != want[k])
-        raise ValueError(
-            f"the checkpoint in {ckpt} was written by another run (it differs in {diff}: "
-            f"{ {k: state['config'].get(k) for k in diff} }, this run: { {k: want[k] for k in diff} }); "
-            "pass another checkpoint_dir or delete that folder"
-        )
+    refuse_other_run("checkpoint", ckpt, state.get("config", want), want)  # older checkpoints kept no options
     plan = Plan.from_dict(state["plan"])
     gm = trace(work)
     annotate_groups(gm, on_unknown=cfg.on_unknown)

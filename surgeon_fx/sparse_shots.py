@@ -121,20 +121,15 @@ def _save_shot(work: nn.Module, masks: dict[str, torch.Tensor], shot: int, cfg, 
 
 def _load_shot(work: nn.Module, cfg, ckpt: Path) -> tuple[int, dict[str, torch.Tensor] | None]:
     """Load the last committed shot into ``work``; return ``(next shot, its masks)`` (``(1, None)``: none)."""
-    from safetensors import safe_open
     from safetensors.torch import load_file, load_model
+
+    from .shots import checkpoint_metadata, refuse_other_run
 
     path = ckpt / WEIGHTS
     if not path.is_file():
         return 1, None
-    with safe_open(str(path), "pt") as f:
-        state = json.loads((f.metadata() or {}).get("surgeon_fx_sparsity", "{}"))
-    want = _state_of(cfg)
-    if {k: state.get(k) for k in want} != want:
-        raise ValueError(
-            f"the sparsity checkpoint in {ckpt} was written by another run ({state or 'no state'}, this run: {want}); "
-            "pass another checkpoint_dir or delete that folder"
-        )
+    state = json.loads(checkpoint_metadata(path, "surgeon_fx_sparsity") or "{}")
+    refuse_other_run("sparsity checkpoint", ckpt, state, _state_of(cfg))
     shot = int(state["shot"])
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     load_model(work, str(path), device=str(device))
