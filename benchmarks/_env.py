@@ -1,4 +1,5 @@
-"""What a benchmark result records about where it ran: versions and machine (shared by the GPU benchmarks)."""
+"""Shared by the benchmarks: what a result records about where it ran (versions, machine), and the
+method-variant options of the low-rank correction."""
 
 from __future__ import annotations
 
@@ -26,3 +27,13 @@ def machine(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
     }
+
+
+def correction_variant(option: str) -> dict:
+    """``compress`` options of a method variant that sets the low-rank correction: ``"l16"`` (steps
+    after every shot), ``"lr3e-4"`` (its learning rate), ``"r8"`` (its rank); ``{}`` for any other."""
+    if option.startswith("lr"):
+        return {"lora_lr": float(option[2:])}
+    if option[:1] in ("l", "r") and option[1:].isdigit():
+        return {"lora_steps" if option[0] == "l" else "lora_rank": int(option[1:])}
+    return {}

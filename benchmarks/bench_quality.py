@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _env import machine, versions
+from _env import correction_variant, machine, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -284,12 +284,8 @@ def main() -> int:
                 "batch_size": args.batch_size,
             }
             for o in opts:
-                if o.startswith("lr"):  # the low-rank correction's learning rate
-                    extra["lora_lr"] = float(o[2:])
-                elif o.startswith("l") and o[1:].isdigit():  # low-rank correction steps after every shot
-                    extra["lora_steps"] = int(o[1:])
-                elif o.startswith("r") and o[1:].isdigit():  # its rank
-                    extra["lora_rank"] = int(o[1:])
+                if correction := correction_variant(o):  # low-rank correction steps, rate, rank
+                    extra |= correction
                 elif o.startswith("d"):
                     extra["damping"] = float(o[1:])
                 elif o == "true":

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from _env import machine, versions
+from _env import correction_variant, machine, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -130,12 +130,8 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                     kw["sparsity_scope"] = o
                 elif o in ("independent", "coupled"):  # rows of the element costs and update
                     kw["sparsity_rows"] = o
-                elif o.startswith("lr"):
-                    kw["lora_lr"] = float(o[2:])
-                elif o.startswith("l") and o[1:].isdigit():
-                    kw["lora_steps"] = int(o[1:])
-                elif o.startswith("r") and o[1:].isdigit():
-                    kw["lora_rank"] = int(o[1:])
+                elif correction := correction_variant(o):  # low-rank correction steps, rate, rank
+                    kw |= correction
                 elif o.startswith("b") and o[1:].isdigit():
                     kw["batch_size"] = int(o[1:])
                 elif o.startswith("d"):

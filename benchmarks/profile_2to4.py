@@ -89,16 +89,22 @@ def layer_forms(tokens: int, min_run: float) -> None:
         say(f"| {r} x {c} | {cells} | {yf.is_contiguous()}, {err:.3g} | {type(ws).__name__} |")
 
 
-def profile_model(tokens: int) -> None:
+def dense_and_2to4(layers: int, contiguous: str = "auto"):
+    """A random ``layers``-layer Llama-2-7B-shaped model, fp16 on CUDA: ``(dense, 2:4 copy with
+    magnitude masks in semi-structured form, its sparsified weights, the converted ones)``."""
     dev, dt = torch.device("cuda"), torch.float16
-    model = random_llama(2)
+    model = random_llama(layers)
     sparse = sf.compress(model, 0.0, sparsity="2:4", method="magnitude", progress=False)
     params = list(sparse.surgeon_fx_sparsity.params)
     dense = copy.deepcopy(model).to(dev, dt).eval()
     sparse = sparse.to(dev, dt).eval()
-    done = sf.to_semi_structured_(sparse, params)
+    return dense, sparse, params, sf.to_semi_structured_(sparse, params, contiguous=contiguous)
+
+
+def profile_model(tokens: int) -> None:
+    dense, sparse, params, done = dense_and_2to4(2)
     say(f"\n{len(done)}/{len(params)} decoder linears converted")
-    ids = torch.randint(0, 100, (1, tokens), device=dev)
+    ids = torch.randint(0, 100, (1, tokens), device="cuda")
     for name, m in (("dense", dense), ("2:4", sparse)):
         say(
             f"\n## Whole model ({name}), 2 layers, 1 x {tokens} tokens: {ms(lambda m=m: m(input_ids=ids, use_cache=False), 1.0):.3f} ms\n"
@@ -121,13 +127,8 @@ def hook_variants(layers: int, shapes: list[tuple[int, int]], min_run: float) ->
     none, and on all but the MLP's gate/up projections (whose outputs only meet elementwise ops before
     ``down_proj``, which takes a column-major input as it is). Names are used here to pick the layers
     for this experiment only."""
-    dev, dt = torch.device("cuda"), torch.float16
-    model = random_llama(layers)
-    sparse = sf.compress(model, 0.0, sparsity="2:4", method="magnitude", progress=False)
-    params = list(sparse.surgeon_fx_sparsity.params)
-    dense = copy.deepcopy(model).to(dev, dt).eval()
-    sparse = sparse.to(dev, dt).eval()
-    sf.to_semi_structured_(sparse, params)
+    dev = torch.device("cuda")
+    dense, sparse, _, _ = dense_and_2to4(layers, contiguous="all")  # every hook, to switch them off below
     hooks = {n: dict(m._forward_hooks) for n, m in sparse.named_modules() if m._forward_hooks}
 
     def set_hooks(keep) -> None:
