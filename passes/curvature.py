@@ -262,11 +262,32 @@ def _instrument(gm: fx.GraphModule, found: dict, sweep: _Sweep) -> fx.GraphModul
             t = graph.call_function(sweep.tap, (name, env[x], y))
         y.replace_all_uses_with(t, delete_user_cb=lambda u, t=t: u is not t)
     if sweep.precision == "mixed":  # a graph rewrite: only the sweep's copy computes attention in bf16
-        for n in graph.nodes:
-            if n.op == "call_function" and getattr(n.target, "overloadpacket", None) is (
-                torch.ops.aten.scaled_dot_product_attention
-            ):
-                n.target = _sdpa_bf16
+        _attention_in_bf16(graph)
+    return fx.GraphModule(gm, graph)
+
+
+def _attention_in_bf16(graph: fx.Graph) -> None:
+    """Point every ``scaled_dot_product_attention`` of ``graph`` at :func:`_sdpa_bf16` (in place)."""
+    for n in graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "overloadpacket", None) is (
+            torch.ops.aten.scaled_dot_product_attention
+        ):
+            n.target = _sdpa_bf16
+
+
+def with_precision(gm: fx.GraphModule, precision: str) -> fx.GraphModule:
+    """``gm`` itself, or for ``"mixed"`` a copy of its graph (sharing its parameters and buffers)
+    whose attention runs in bfloat16. Pair it with :func:`sweep_precision` for the TF32 matmuls."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "mixed":
+        return gm
+    graph = fx.Graph()
+    with warnings.catch_warnings():  # torch's pytree deprecation noise when copying export specs
+        warnings.simplefilter("ignore", FutureWarning)
+        graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    _attention_in_bf16(graph)
     return fx.GraphModule(gm, graph)
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from surgeon_fx.launch import rank_and_world
 
-from .curvature import _check_windows
+from .curvature import _check_windows, sweep_precision, with_precision
 from .groups import get_groups
 from .sparsity import sparse_layers
 
@@ -47,6 +47,7 @@ def apply_low_rank_correction_(
     batch_size: int = 1,
     seed: int = 0,
     keep_zeros: bool = False,
+    precision: str = "fp32",
     progress: bool = True,
 ) -> list[float]:
     """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
@@ -61,6 +62,10 @@ def apply_low_rank_correction_(
         keep_zeros: every weight entry that is exactly zero when the pass starts stays exactly
             zero: the update is ``M * (B A)`` with ``M`` the mask of non-zero entries, in training
             and in the merge. For sparse models (unstructured or N:M), whose pattern it keeps.
+        precision: arithmetic of the forward/backward, as the curvature sweep's
+            (:func:`~surgeon_fx.passes.curvature.annotate_curvature`): ``"fp32"``, ``"tf32"``
+            (TF32 matmuls on CUDA) or ``"mixed"`` (also attention in bfloat16). The adapters, Adam
+            and the merge stay float32.
         progress: a progress bar over the steps.
 
     Returns:
@@ -78,6 +83,7 @@ def apply_low_rank_correction_(
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    run = with_precision(gm, precision)  # checks precision
     if steps == 0:
         return []
     if rank_and_world()[1] > 1:
@@ -113,13 +119,14 @@ def apply_low_rank_correction_(
         ids = windows[pick].to(device)
         params = dict(frozen)
         params.update({n: w.detach() + delta(n) for n, w in weights.items()})
-        logits = torch.func.functional_call(gm, params, (ids,), strict=False)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        if not torch.isfinite(loss):
-            raise ValueError(f"low-rank correction: the loss became {loss.item()} at step {step}; lower lr")
-        losses.append(loss.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with sweep_precision(precision, device):
+            logits = torch.func.functional_call(run, params, (ids,), strict=False)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            if not torch.isfinite(loss):
+                raise ValueError(f"low-rank correction: the loss became {loss.item()} at step {step}; lower lr")
+            losses.append(loss.item())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
     with torch.no_grad():
         for n, w in weights.items():

@@ -55,10 +55,11 @@ class CompressConfig:
         fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the model).
         damping: K-FAC damping relative to each factor's mean diagonal.
         batch_size: calibration windows per forward/backward of the curvature sweep.
-        precision: arithmetic of the curvature sweep: ``"fp32"``, ``"tf32"`` (TensorFloat-32
-            matmuls on CUDA for the forward/backward and the factor products) or ``"mixed"``
-            (``"tf32"`` plus attention cores in bfloat16); factors always accumulate in float32
-            buffers and inverses are float64. The model's own weights and arithmetic are untouched.
+        precision: arithmetic of the curvature sweep and of the low-rank correction's steps:
+            ``"fp32"``, ``"tf32"`` (TensorFloat-32 matmuls on CUDA for the forward/backward and the
+            factor products) or ``"mixed"`` (``"tf32"`` plus attention cores in bfloat16); factors
+            always accumulate in float32 buffers and inverses are float64; the correction's
+            adapters and optimizer stay float32. The model's own weights and arithmetic are untouched.
         update: which second-order (OBS) updates ``"surgeon"`` applies to the remaining weights:
             ``"columns"`` (default: consumers compensate a removed input from correlated inputs),
             ``"rows"``, ``"both"`` or ``"none"``; costs of uncompensated sides assume fixed weights.

@@ -233,8 +233,8 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         "--precision",
         default="fp32",
         choices=("fp32", "tf32", "mixed"),
-        help="curvature sweep arithmetic: fp32 (default), tf32 (TF32 matmuls on CUDA) or mixed (tf32 and "
-        "bfloat16 attention; the fast GPU setting)",
+        help="arithmetic of the curvature sweep and the --lora-steps correction: fp32 (default), tf32 (TF32 "
+        "matmuls on CUDA) or mixed (tf32 and bfloat16 attention; the fast GPU setting)",
     )
     c.add_argument("--batch-size", type=int, default=1, help="calibration windows per sweep forward/backward (1)")
     c.add_argument(

@@ -202,7 +202,8 @@ class _Clock:
 
 
 def low_rank_correction_(gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True):
-    """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate and batch size (seed + shot)."""
+    """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
+    (seed + shot)."""
     from .passes.lora import apply_low_rank_correction_
 
     apply_low_rank_correction_(
@@ -214,6 +215,7 @@ def low_rank_correction_(gm: fx.GraphModule, calibration, cfg, shot: int, *, kee
         batch_size=cfg.batch_size,
         seed=cfg.seed + shot,
         keep_zeros=keep_zeros,
+        precision=cfg.precision,
         progress=progress,
     )
 

@@ -87,6 +87,25 @@ def test_correction_is_lora_trained_and_merged():
     assert loss(model) < loss(tiny_model("llama"))
 
 
+def test_mixed_precision_correction_runs_attention_in_bf16_on_a_copy():
+    """precision="mixed" trains through a copy of the graph whose attention is bfloat16: its losses
+    are those of the float32 run to bf16 accuracy but not bit-equal (the bf16 path ran), and the
+    caller's graph keeps its float32 attention."""
+    runs = {}
+    for precision in ("fp32", "mixed"):
+        gm = sf.trace(tiny_model("llama"))
+        annotate_groups(gm)
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        kw = dict(steps=3, rank=3, lr=3e-3, batch_size=2, seed=5, progress=False)
+        runs[precision] = apply_low_rank_correction_(gm, CALIB, precision=precision, **kw)
+        assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == targets
+    fp32, mixed = torch.tensor(runs["fp32"]), torch.tensor(runs["mixed"])
+    torch.testing.assert_close(mixed, fp32, rtol=2e-2, atol=0)
+    assert not torch.equal(mixed, fp32)
+    with pytest.raises(ValueError, match="precision"):
+        apply_low_rank_correction_(gm, CALIB, steps=1, precision="bf16")
+
+
 def test_compress_runs_the_correction_after_each_structured_shot():
     """compress(lora_steps=k) is the plain shot followed by the pass (seed + shot number); the caller's
     model is untouched and the result is reproducible."""
