@@ -121,7 +121,7 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
             # (shots), "surgeon:noupdate" (no OBS update), "surgeon:l16" (16 low-rank correction steps after every
             # shot, zeros kept; ":lr3e-4" its rate, ":r8" its rank, ":b8" windows per step); combine them: "surgeon:layer:d0.1"
             base, *opts = method.split(":")
-            kw = {"damping": args.damping, "sparsity_scope": args.scope}
+            kw = {"damping": args.damping, "sparsity_scope": args.scope, "precision": args.precision}
             shots = args.shots if base == "surgeon" else 1
             for o in opts:
                 if o == "noupdate":  # fixed-weight costs 1/2 W^2 G_rr A_cc, no OBS update
@@ -338,6 +338,12 @@ def main() -> int:
     ap.add_argument("--patterns", default="unstructured,2:4")
     ap.add_argument("--shots", type=int, default=4, help="surgeon shots (the baselines run one shot)")
     ap.add_argument("--damping", type=float, default=0.01)
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "tf32", "mixed"),
+        help="arithmetic of the curvature sweeps and of the low-rank correction",
+    )
     ap.add_argument("--scope", default="global", choices=("global", "layer"), help="surgeon sparsity_scope")
     ap.add_argument("--chunk-size", type=int, default=2048, help="surgeon: weights solved jointly (GPU: 2048)")
     ap.add_argument("--calib-pt"), ap.add_argument("--eval-pt")
@@ -370,6 +376,7 @@ def main() -> int:
         "calibration": None if calib is None else list(calib.shape),
         "eval": None if ev is None else list(ev.shape),
         "damping": args.damping,
+        "precision": args.precision,
         "chunk_size": args.chunk_size,
     }
     out = Path(args.out)
