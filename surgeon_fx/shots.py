@@ -203,10 +203,10 @@ class _Clock:
 
 def low_rank_correction_(gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
-    (seed + shot)."""
+    (seed + shot); logs its training loss over the first and the last steps."""
     from .passes.lora import apply_low_rank_correction_
 
-    apply_low_rank_correction_(
+    losses = apply_low_rank_correction_(
         gm,
         calibration,
         steps=cfg.lora_steps,
@@ -217,6 +217,16 @@ def low_rank_correction_(gm: fx.GraphModule, calibration, cfg, shot: int, *, kee
         keep_zeros=keep_zeros,
         precision=cfg.precision,
         progress=progress,
+    )
+    k = max(1, min(4, len(losses) // 2))  # steps see different windows: average a few at each end
+    log.info(
+        "shot %d correction: %d steps, training loss %.4f (first %d) -> %.4f (last %d)",
+        shot,
+        len(losses),
+        sum(losses[:k]) / k,
+        k,
+        sum(losses[-k:]) / k,
+        k,
     )
 
 

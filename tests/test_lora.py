@@ -106,13 +106,15 @@ def test_mixed_precision_correction_runs_attention_in_bf16_on_a_copy():
         apply_low_rank_correction_(gm, CALIB, steps=1, precision="bf16")
 
 
-def test_compress_runs_the_correction_after_each_structured_shot():
-    """compress(lora_steps=k) is the plain shot followed by the pass (seed + shot number); the caller's
-    model is untouched and the result is reproducible."""
+def test_compress_runs_the_correction_after_each_structured_shot(caplog):
+    """compress(lora_steps=k) is the plain shot followed by the pass (seed + shot number), with its
+    training loss in the log; the caller's model is untouched and the result is reproducible."""
     model = tiny_model("llama")
     orig = {k: v.clone() for k, v in model.state_dict().items()}
     kw = dict(calibration=CALIB, method="surgeon", shots=1, progress=False)
-    got = sf.compress(model, 0.2, lora_steps=3, lora_lr=1e-3, seed=2, **kw)
+    with caplog.at_level("INFO", logger="surgeon_fx"):
+        got = sf.compress(model, 0.2, lora_steps=3, lora_lr=1e-3, seed=2, **kw)
+    assert "shot 1 correction: 3 steps, training loss" in caplog.text
     again = sf.compress(model, 0.2, lora_steps=3, lora_lr=1e-3, seed=2, **kw)
     plain = sf.compress(model, 0.2, seed=2, **kw)
     gm = sf.trace(plain)
