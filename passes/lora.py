@@ -25,10 +25,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 from tqdm.auto import tqdm
 
+from surgeon_fx.evaluate import _logits
 from surgeon_fx.launch import rank_and_world
+from surgeon_fx.tracing import is_hf_model
 
 from .curvature import _check_windows, sweep_precision, with_precision
 from .groups import get_groups
@@ -48,6 +50,7 @@ def apply_low_rank_correction_(
     seed: int = 0,
     keep_zeros: bool = False,
     precision: str = "fp32",
+    teacher: nn.Module | None = None,
     progress: bool = True,
 ) -> list[float]:
     """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
@@ -66,10 +69,18 @@ def apply_low_rank_correction_(
             (:func:`~surgeon_fx.passes.curvature.annotate_curvature`): ``"fp32"``, ``"tf32"``
             (TF32 matmuls on CUDA) or ``"mixed"`` (also attention in bfloat16). The adapters, Adam
             and the merge stay float32.
+        teacher: ``None`` (default): the loss is the next-token cross-entropy of the windows. A
+            model (e.g. the unpruned original; a Hugging Face causal LM or any module mapping ids to
+            logits): the loss is the KL divergence from the teacher's predictive distribution to the
+            graph's, ``KL(p_teacher || p)`` summed over the vocabulary and averaged over every
+            position of the windows (distillation). It is zero, with zero gradient, where the graph
+            already predicts as the teacher does. The teacher runs under ``torch.no_grad`` on the
+            graph's device, as it is (put it in eval mode); it is not changed.
         progress: a progress bar over the steps.
 
     Returns:
-        The training loss (mean next-token cross-entropy) of every step, before its update.
+        The training loss (mean next-token cross-entropy, or the mean KL divergence with a
+        ``teacher``) of every step, before its update.
 
     Raises:
         ValueError: bad windows or options; no decoder linear layer in the graph; a non-finite loss.
@@ -83,6 +94,9 @@ def apply_low_rank_correction_(
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module mapping token ids to logits, got {type(teacher).__name__}")
+    hf = teacher is not None and is_hf_model(teacher)
     run = with_precision(gm, precision)  # checks precision
     if steps == 0:
         return []
@@ -121,7 +135,14 @@ def apply_low_rank_correction_(
         params.update({n: w.detach() + delta(n) for n, w in weights.items()})
         with sweep_precision(precision, device):
             logits = torch.func.functional_call(run, params, (ids,), strict=False)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            if teacher is None:
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            else:
+                with torch.no_grad():
+                    target = F.log_softmax(_logits(teacher, ids, hf).float(), dim=-1).flatten(0, 1)
+                log_p = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+                loss = F.kl_div(log_p, target, log_target=True, reduction="batchmean")
+                del target
             if not torch.isfinite(loss):
                 raise ValueError(f"low-rank correction: the loss became {loss.item()} at step {step}; lower lr")
             losses.append(loss.item())

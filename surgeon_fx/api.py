@@ -27,6 +27,7 @@ matrix scored and updated on their own, masked to zero, not coupled, no tensor s
 :mod:`surgeon_fx.published`), the reference the coupled ``"surgeon"`` is measured against."""
 CURVATURE_METHODS = ("surgeon", "kobd", "lobd", "published")
 PRECISIONS = ("fp32", "tf32", "mixed")
+LORA_LOSSES = ("next_token", "distill")
 SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
 """Methods for ``sparsity=``: the Surgeon's element costs with correlated OBS updates, per-layer
 magnitude, Wanda (|W| * input norm per output row) and SparseGPT (layer-wise OBS, column by column)."""
@@ -115,6 +116,11 @@ class CompressConfig:
             to 23.7/28.9/37.6/53.6/77.3 (1e-3 not measured there). A CPU ablation with 4 shots
             (``benchmarks/results/ablation_cpu_session5/``, ``ablation_cpu_session6/``) gave 24.1/29.8
             at 90/80% with ``3e-4``, 23.2/29.8 with ``1e-3``, 24.7/31.4 with ``1e-4`` (none: 25.0/32.6).
+        lora_loss: what that correction trains on: ``"next_token"`` (default; the cross-entropy of
+            the calibration windows' next tokens, as the paper) or ``"distill"`` (the KL divergence
+            from the original model's predictive distribution on the same windows; a frozen copy of
+            ``model`` taken before the first shot is the teacher, which costs one more copy of the
+            model in memory and one forward of it per step).
     """
 
     ratio: float
@@ -145,6 +151,7 @@ class CompressConfig:
     lora_steps: int = 0
     lora_rank: int = 8
     lora_lr: float = 3e-4
+    lora_loss: str = "next_token"
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -236,6 +243,8 @@ class CompressConfig:
             raise ValueError(f"lora_rank must be an int >= 1, got {self.lora_rank!r}")
         if not isinstance(self.lora_lr, (int, float)) or not self.lora_lr > 0:
             raise ValueError(f"lora_lr must be > 0, got {self.lora_lr!r}")
+        if self.lora_loss not in LORA_LOSSES:
+            raise ValueError(f"lora_loss must be one of {LORA_LOSSES}, got {self.lora_loss!r}")
         if self.lora_steps and self.method == "published":
             raise ValueError("lora_steps is not supported with method 'published': it would refill the masked weights")
         if self.max_memory is not None:
@@ -400,9 +409,12 @@ def compress(
     torch.manual_seed(cfg.seed)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    teacher = None
+    if cfg.lora_steps and cfg.lora_loss == "distill":  # the original's predictions, frozen before any shot
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     work = (model if inplace else copy.deepcopy(model)).eval()
     if cfg.sparsity is not None:
-        return _compress_sparse(work, calibration, cfg, progress, on_shot)
+        return _compress_sparse(work, calibration, cfg, progress, on_shot, teacher)
     if cfg.method == "published":
         from .published import run_published_shots
 
@@ -410,7 +422,7 @@ def compress(
         work.surgeon_fx_plan = None
         return work
     try:
-        plan = run_shots(work, calibration, cfg, progress=progress, on_shot=on_shot)
+        plan = run_shots(work, calibration, cfg, progress=progress, on_shot=on_shot, teacher=teacher)
     except SurgeonError as e:
         if cfg.output == "module" and "does not match the rewritten graph" in str(e):
             raise SurgeonError(f"{e}. Pass output='graph' to get the rewritten GraphModule instead.") from e
@@ -423,7 +435,9 @@ def compress(
     return result
 
 
-def _compress_sparse(work: nn.Module, calibration, cfg: CompressConfig, progress: bool, on_shot) -> nn.Module:
+def _compress_sparse(
+    work: nn.Module, calibration, cfg: CompressConfig, progress: bool, on_shot, teacher=None
+) -> nn.Module:
     """Structured shots (when ``ratio > 0``, on the module), then sparsity shots on the result."""
     import dataclasses
 
@@ -434,13 +448,18 @@ def _compress_sparse(work: nn.Module, calibration, cfg: CompressConfig, progress
     plan = None
     if cfg.ratio > 0:
         plan = run_shots(
-            work, calibration, dataclasses.replace(cfg, output="module"), progress=progress, on_shot=on_shot
+            work,
+            calibration,
+            dataclasses.replace(cfg, output="module"),
+            progress=progress,
+            on_shot=on_shot,
+            teacher=teacher,
         )
         del work._surgeon_fx_graph
     timings = work.__dict__.pop("_surgeon_fx_timings", [])
     sparse_ckpt = None if cfg.checkpoint_dir is None else sparsity_checkpoint(cfg.checkpoint_dir)
     report, gm = run_sparsity_shots(
-        work, calibration, cfg, progress=progress, on_shot=on_shot, checkpoint_dir=sparse_ckpt
+        work, calibration, cfg, progress=progress, on_shot=on_shot, checkpoint_dir=sparse_ckpt, teacher=teacher
     )
     if plan is None:  # nothing removed: the identity plan (sparsity changes no parameter count)
         total, linear = _counts(get_groups(gm))

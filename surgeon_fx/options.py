@@ -31,6 +31,7 @@ def config_fields(args) -> dict:
     if args.max_memory is not None:
         kw["max_memory"] = args.max_memory
     kw |= {"lora_steps": args.lora_steps, "lora_rank": args.lora_rank, "lora_lr": args.lora_lr}
+    kw["lora_loss"] = args.lora_loss
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -253,6 +254,13 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     )
     c.add_argument("--lora-rank", type=int, default=8, help="rank of that correction (default 8)")
     c.add_argument("--lora-lr", type=float, default=3e-4, help="its Adam learning rate (default 3e-4)")
+    c.add_argument(
+        "--lora-loss",
+        default="next_token",
+        choices=("next_token", "distill"),
+        help="what it trains on: the calibration text's next tokens (default) or the original model's "
+        "predictions on it (distill; one more model copy in memory)",
+    )
     c.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window (default 2048)")
     text_args(c, 8, 512)

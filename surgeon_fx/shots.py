@@ -71,7 +71,9 @@ def _counts(analysis) -> tuple[int, int]:
     return sum(analysis.param_numel.values()), sum(analysis.param_numel[p] for p in analysis.linear_params)
 
 
-def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progress: bool = True, on_shot=None) -> Plan:
+def run_shots(
+    work: nn.Module, calibration: torch.Tensor | None, cfg, *, progress: bool = True, on_shot=None, teacher=None
+) -> Plan:
     """Compress ``work`` in place over ``cfg.shots`` shots; return the composed plan.
 
     Args:
@@ -80,6 +82,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
         cfg: a :class:`~surgeon_fx.api.CompressConfig`.
         progress: progress bars (shots and curvature sweeps).
         on_shot: optional callback ``on_shot(shot, model, plan)`` after every shot (e.g. evaluation).
+        teacher: the frozen original model, for ``cfg.lora_loss == "distill"``.
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
     from .passes.norms import rescale_norms_
@@ -155,7 +158,7 @@ def run_shots(work: nn.Module, calibration: torch.Tensor | None, cfg, *, progres
             annotate_groups(gm, on_unknown=cfg.on_unknown)
             clock("groups")
         if cfg.lora_steps:  # the paper's interleaved low-rank first-order correction; gm shares work's weights
-            low_rank_correction_(gm, calibration, cfg, t, progress=progress)
+            low_rank_correction_(gm, calibration, cfg, t, progress=progress, teacher=teacher)
             clock("lora")
         dt = time.perf_counter() - t0
         log.info(
@@ -201,9 +204,14 @@ class _Clock:
         return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
 
 
-def low_rank_correction_(gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True):
+def low_rank_correction_(
+    gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True, teacher=None
+):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
-    (seed + shot); logs its training loss over the first and the last steps."""
+    (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss == "distill"``; logs its training
+    loss over the first and the last steps."""
+    if cfg.lora_loss == "distill" and teacher is None:
+        raise ValueError("lora_loss='distill' needs the original model as teacher (compress passes it)")
     from .passes.lora import apply_low_rank_correction_
 
     losses = apply_low_rank_correction_(
@@ -216,6 +224,7 @@ def low_rank_correction_(gm: fx.GraphModule, calibration, cfg, shot: int, *, kee
         seed=cfg.seed + shot,
         keep_zeros=keep_zeros,
         precision=cfg.precision,
+        teacher=teacher if cfg.lora_loss == "distill" else None,
         progress=progress,
     )
     k = max(1, min(4, len(losses) // 2))  # steps see different windows: average a few at each end
@@ -385,6 +394,7 @@ RUN_KEYS = (
     "lora_steps",
     "lora_rank",
     "lora_lr",
+    "lora_loss",
 )
 """The options a structured checkpoint must share with the run that resumes it."""
 

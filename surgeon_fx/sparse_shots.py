@@ -94,6 +94,7 @@ def _state_of(cfg) -> dict:
         "lora_steps",
         "lora_rank",
         "lora_lr",
+        "lora_loss",
     )
     return {k: getattr(cfg, k) for k in keys}
 
@@ -146,6 +147,7 @@ def run_sparsity_shots(
     progress: bool = True,
     on_shot=None,
     checkpoint_dir: str | Path | None = None,
+    teacher=None,
 ) -> tuple[SparsityReport, fx.GraphModule]:
     """Sparsify ``work`` in place over ``cfg.shots`` shots.
 
@@ -160,7 +162,8 @@ def run_sparsity_shots(
         on_shot: optional ``on_shot(shot, model, report)`` after every shot.
         checkpoint_dir: save the weights and masks after every shot there, and resume from the last
             shot saved (the result equals an uninterrupted run's). A checkpoint of another
-            sparsity, method, shot count, target, rows, scope, damping or Fisher is refused.
+            sparsity, method, shot count, target, rows, scope, damping, Fisher or correction is refused.
+        teacher: the frozen original model, for ``cfg.lora_loss == "distill"``.
 
     Returns:
         ``(report, gm)``: the :class:`SparsityReport` and the traced graph, whose parameters are
@@ -217,7 +220,7 @@ def run_sparsity_shots(
             apply_masks_(gm, update=update, damping=cfg.damping, chunk_size=cfg.chunk_size, rows=cfg.sparsity_rows)
         prior = gm.meta[MASKS].masks
         if cfg.lora_steps:  # the low-rank correction, masked so that every removed entry stays zero
-            low_rank_correction_(gm, calibration, cfg, t, keep_zeros=True, progress=progress)
+            low_rank_correction_(gm, calibration, cfg, t, keep_zeros=True, progress=progress, teacher=teacher)
         report = _report(work, params, name, cfg.method, target)
         if ckpt is not None:
             _save_shot(work, prior, t, cfg, ckpt)

@@ -17,9 +17,10 @@ import surgeon_fx as sf
 CALIB = ids(6, 12, seed=3)
 
 
-def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed, keep_zeros=False):
+def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed, keep_zeros=False, teacher=None):
     """Oracle: LoRA on the eager model through forward hooks ``y + B (A x)``, Adam, then merged; with
-    ``keep_zeros`` the hook adds ``(M * (B A)) x`` with ``M`` the non-zero entries of the weight."""
+    ``keep_zeros`` the hook adds ``(M * (B A)) x`` with ``M`` the non-zero entries of the weight; with
+    a ``teacher`` the loss is sum_v p_t (log p_t - log p) averaged over every position."""
     gen = torch.Generator().manual_seed(seed)
     mods = {n: model.get_submodule(n.rsplit(".", 1)[0]) for n in names}
     ab = {}
@@ -45,7 +46,12 @@ def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed, keep_zeros=F
         pick, order = order[:batch_size], order[batch_size:]
         x = CALIB[pick]
         logits = model(input_ids=x, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        if teacher is None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        else:
+            with torch.no_grad():
+                p_t = teacher(input_ids=x, use_cache=False).logits.softmax(-1)
+            loss = (p_t * (p_t.log() - logits.log_softmax(-1))).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -85,6 +91,28 @@ def test_correction_is_lora_trained_and_merged():
         return F.cross_entropy(lg[:, :-1].flatten(0, 1), CALIB[:, 1:].flatten()).item()
 
     assert loss(model) < loss(tiny_model("llama"))
+
+
+def test_distilled_correction_matches_the_eager_oracle_and_starts_at_zero_loss():
+    """With a teacher the pass trains on KL(p_teacher || p): equal to hook-LoRA trained on that loss
+    on the eager model; against the model itself the first loss is 0 (it predicts as the teacher)."""
+    teacher = tiny_model("llama", seed=11).eval()  # another random model: a non-trivial target
+    model = tiny_model("llama")
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    fqns = sorted({lay.weight for lay in sparse_layers(gm)})
+    kw = dict(steps=4, rank=3, lr=3e-3, batch_size=2, seed=5)
+    losses = apply_low_rank_correction_(gm, CALIB, teacher=teacher, progress=False, **kw)
+    ref = _eager_lora(tiny_model("llama"), fqns, teacher=teacher, **kw)
+    for k in fqns:
+        torch.testing.assert_close(model.state_dict()[k], ref.state_dict()[k], rtol=1e-4, atol=1e-5)
+    assert losses[-1] < losses[0]
+    gm = sf.trace(tiny_model("llama"))
+    annotate_groups(gm)
+    first = apply_low_rank_correction_(gm, CALIB, steps=1, teacher=tiny_model("llama").eval(), progress=False)
+    assert abs(first[0]) < 1e-5
+    with pytest.raises(TypeError, match="teacher"):
+        apply_low_rank_correction_(gm, CALIB, steps=1, teacher=lambda x: x)
 
 
 def test_mixed_precision_correction_runs_attention_in_bf16_on_a_copy():
@@ -145,6 +173,28 @@ def test_sparse_shots_get_the_masked_correction():
     assert all(not torch.equal(got.get_parameter(p), before[p]) for p in params)
 
 
+def test_distilled_compress_learns_from_the_untouched_original(monkeypatch):
+    """lora_loss="distill": every shot's correction gets the same teacher, equal to the caller's model
+    before compress, even after structures were removed and with inplace=True."""
+    import surgeon_fx.passes.lora as lora
+
+    model = tiny_model("llama")
+    orig = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    real = lora.apply_low_rank_correction_
+
+    def spy(gm, windows, **kw):
+        seen.append(kw["teacher"])
+        assert all(torch.equal(v, orig[k]) for k, v in kw["teacher"].state_dict().items())
+        return real(gm, windows, **kw)
+
+    monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
+    kw = dict(calibration=CALIB, method="surgeon", shots=2, lora_steps=2, lora_loss="distill", progress=False)
+    sf.compress(model, 0.2, inplace=True, **kw)
+    assert len(seen) == 2 and seen[0] is seen[1]
+    assert sum(p.numel() for p in model.parameters()) < sum(v.numel() for v in orig.values())
+
+
 @pytest.mark.parametrize(
     "options,match",
     [
@@ -153,6 +203,7 @@ def test_sparse_shots_get_the_masked_correction():
         (dict(lora_steps=2, lora_lr=0.0), "lora_lr"),
         (dict(lora_steps=2, method="published"), "published"),
         (dict(lora_steps=2, method="magnitude", calibration=None), "lora_steps needs calibration"),
+        (dict(lora_steps=2, lora_loss="kl"), "lora_loss"),
     ],
 )
 def test_bad_correction_options_are_refused(options, match):
