@@ -277,6 +277,20 @@ def test_sparsity_defaults_to_ratio_zero():
     assert CompressConfig(**config_fields(chosen)).sparsity_rows == "independent"
 
 
+def test_correction_options_reach_the_config():
+    """--lora-* options land in CompressConfig; defaults: no correction, next-token loss."""
+    parse = build_parser().parse_args
+    plain = parse(["compress", "--out", "x"])
+    check_compress_args(plain)
+    plain = CompressConfig(**config_fields(plain))
+    assert (plain.lora_steps, plain.lora_rank, plain.lora_lr, plain.lora_loss) == (0, 8, 3e-4, "next_token")
+    argv = ["compress", "--out", "x", "--lora-steps", "4", "--lora-rank", "2", "--lora-lr", "1e-3"]
+    args = parse([*argv, "--lora-loss", "distill"])
+    check_compress_args(args)
+    cfg = CompressConfig(**config_fields(args))
+    assert (cfg.lora_steps, cfg.lora_rank, cfg.lora_lr, cfg.lora_loss) == (4, 2, 1e-3, "distill")
+
+
 STOCK_LOAD = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM
