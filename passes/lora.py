@@ -75,7 +75,8 @@ def apply_low_rank_correction_(
             graph's, ``KL(p_teacher || p)`` summed over the vocabulary and averaged over every
             position of the windows (distillation). It is zero, with zero gradient, where the graph
             already predicts as the teacher does. The teacher runs under ``torch.no_grad`` on the
-            graph's device, as it is (put it in eval mode); it is not changed.
+            graph's device, as it is (put it in eval mode), in ``precision`` (its attention in
+            bfloat16 under ``"mixed"`` when it is a traced graph); it is not changed.
         progress: a progress bar over the steps.
 
     Returns:
@@ -97,6 +98,8 @@ def apply_low_rank_correction_(
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module mapping token ids to logits, got {type(teacher).__name__}")
     hf = teacher is not None and is_hf_model(teacher)
+    if isinstance(teacher, fx.GraphModule):
+        teacher = with_precision(teacher, precision)
     run = with_precision(gm, precision)  # checks precision
     if steps == 0:
         return []

@@ -411,7 +411,7 @@ def compress(
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     teacher = None
     if cfg.lora_steps and cfg.lora_loss == "distill":  # the original's predictions, frozen before any shot
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        teacher = trace(copy.deepcopy(model).eval().requires_grad_(False))  # a graph: "mixed" rewrites it too
     work = (model if inplace else copy.deepcopy(model)).eval()
     if cfg.sparsity is not None:
         return _compress_sparse(work, calibration, cfg, progress, on_shot, teacher)
