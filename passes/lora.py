@@ -6,6 +6,8 @@ decoder weight ``W`` gets a low-rank update ``B A`` (``B`` starts at zero, so th
 from the pruned model), trained by Adam on the next-token loss of the calibration data, and then
 merged, ``W <- W + B A``. The second-order machinery prices removals one shot at a time under a
 local quadratic model; these steps let the model move to the loss it actually has afterwards.
+With a ``teacher`` (the unpruned model) the steps minimise the KL divergence from its predictions
+instead of the next-token loss (distillation).
 
 Reads: a graph called as ``gm(input_ids) -> logits`` and calibration windows. Writes: the decoder
 linear weights of ``gm`` in place (the layers of :func:`~surgeon_fx.passes.sparsity.sparse_layers`:
