@@ -248,14 +248,19 @@ def _sdpa_bf16(q, k, v, attn_mask=None, *args, **kwargs):
     return out.to(dtype)
 
 
-def _instrument(gm: fx.GraphModule, found: dict, sweep: _Sweep) -> fx.GraphModule:
+def _copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm``'s graph (calling convention included) and the map from its nodes to the copy's."""
     graph = fx.Graph()
     with warnings.catch_warnings():  # torch's pytree deprecation noise when copying export specs
         warnings.simplefilter("ignore", FutureWarning)
         graph._codegen = copy.deepcopy(gm.graph._codegen)
     env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
+    graph.output(graph.graph_copy(gm.graph, env))
+    return graph, env
+
+
+def _instrument(gm: fx.GraphModule, found: dict, sweep: _Sweep) -> fx.GraphModule:
+    graph, env = _copy_graph(gm)
     for name, (_, x) in found.items():
         y = next(env[n] for n in gm.graph.nodes if n.name == name)
         with graph.inserting_after(y):
@@ -282,11 +287,7 @@ def with_precision(gm: fx.GraphModule, precision: str) -> fx.GraphModule:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "mixed":
         return gm
-    graph = fx.Graph()
-    with warnings.catch_warnings():  # torch's pytree deprecation noise when copying export specs
-        warnings.simplefilter("ignore", FutureWarning)
-        graph._codegen = copy.deepcopy(gm.graph._codegen)
-    graph.output(graph.graph_copy(gm.graph, {}))
+    graph, _ = _copy_graph(gm)
     _attention_in_bf16(graph)
     return fx.GraphModule(gm, graph)
 

@@ -144,6 +144,7 @@ def add_basis_kinds(p) -> None:
 
 def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str) -> None:
     """Add the ``compress`` sub-command (options documented in its ``--help``) to ``sub``."""
+    from .api import LORA_LOSSES, PRECISIONS
 
     c = sub.add_parser(
         "compress",
@@ -233,7 +234,7 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     c.add_argument(
         "--precision",
         default="fp32",
-        choices=("fp32", "tf32", "mixed"),
+        choices=PRECISIONS,
         help="arithmetic of the curvature sweep and the --lora-steps correction: fp32 (default), tf32 (TF32 "
         "matmuls on CUDA) or mixed (tf32 and bfloat16 attention; the fast GPU setting)",
     )
@@ -257,7 +258,7 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     c.add_argument(
         "--lora-loss",
         default="next_token",
-        choices=("next_token", "distill"),
+        choices=LORA_LOSSES,
         help="what it trains on: the calibration text's next tokens (default) or the original model's "
         "predictions on it (distill; one more model copy in memory)",
     )
