@@ -118,11 +118,12 @@ def method_problem(method: str) -> str | None:
         "tf32",
         "fp32",
         "mixed",
+        "distill",
     }
     for o in opts:
         head = "lr" if o.startswith("lr") else o[:1]
         number = o[len(head) :].replace(".", "", 1).replace("e-", "", 1)
-        if o in fixed or o == "distill" or (head in ("d", "s", "l", "r", "lr") and number.isdigit()):
+        if o in fixed or (head in ("d", "s", "l", "r", "lr") and number.isdigit()):
             continue
         return f"{method!r}: unknown option {o!r} (see the variants listed in bench_quality.py)"
     return None

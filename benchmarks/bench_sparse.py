@@ -342,7 +342,7 @@ def main() -> int:
     ap.add_argument(
         "--precision",
         default="fp32",
-        choices=("fp32", "tf32", "mixed"),
+        choices=sf.api.PRECISIONS,
         help="arithmetic of the curvature sweeps and of the low-rank correction",
     )
     ap.add_argument("--scope", default="global", choices=("global", "layer"), help="surgeon sparsity_scope")
