@@ -31,10 +31,15 @@ def machine(device: torch.device) -> dict:
 
 def correction_variant(option: str) -> dict:
     """``compress`` options of a method variant that sets the low-rank correction: ``"l16"`` (steps
-    after every shot), ``"lr3e-4"`` (its learning rate), ``"r8"`` (its rank), ``"distill"`` (trained
-    on the original model's predictions); ``{}`` for any other."""
+    after every shot), ``"lr3e-4"`` (its learning rate), ``"r8"`` (its rank; ``"rfull"``: the weights
+    themselves), ``"lb8"`` (windows per step, accumulated over passes of the batch size),
+    ``"distill"`` (trained on the original model's predictions); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
+    if option == "rfull":
+        return {"lora_rank": "full"}
+    if option.startswith("lb") and option[2:].isdigit():
+        return {"lora_batch_size": int(option[2:])}
     if option.startswith("lr"):
         return {"lora_lr": float(option[2:])}
     if option[:1] in ("l", "r") and option[1:].isdigit():

@@ -119,11 +119,12 @@ def method_problem(method: str) -> str | None:
         "fp32",
         "mixed",
         "distill",
+        "rfull",
     }
     for o in opts:
-        head = "lr" if o.startswith("lr") else o[:1]
+        head = o[:2] if o[:2] in ("lr", "lb") else o[:1]
         number = o[len(head) :].replace(".", "", 1).replace("e-", "", 1)
-        if o in fixed or (head in ("d", "s", "l", "r", "lr") and number.isdigit()):
+        if o in fixed or (head in ("d", "s", "l", "r", "lr", "lb") and number.isdigit()):
             continue
         return f"{method!r}: unknown option {o!r} (see the variants listed in bench_quality.py)"
     return None
@@ -274,8 +275,8 @@ def main() -> int:
             # variants: "surgeon:noupdate" (costs only), "surgeon:d0.1" (damping 0.1), "surgeon:true" (true
             # Fisher), "surgeon:s4" (4 shots per 10%), "surgeon:nores" (no residual channels), "surgeon:all"
             # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32",
-            # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":lr1e-3" its rate,
-            # ":distill" trained on the original model's predictions)
+            # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":rfull" the weights
+            # themselves, ":lr1e-3" its rate, ":distill" trained on the original model's predictions)
             base, *opts = method.split(":")
             extra = {
                 "update": "none" if "noupdate" in opts else args.update,

@@ -46,9 +46,10 @@ def apply_low_rank_correction_(
     windows: torch.Tensor,
     *,
     steps: int,
-    rank: int = 8,
+    rank: int | str = 8,
     lr: float = 3e-4,
     batch_size: int = 1,
+    micro_batch_size: int | None = None,
     seed: int = 0,
     keep_zeros: bool = False,
     precision: str = "fp32",
@@ -62,8 +63,16 @@ def apply_low_rank_correction_(
         windows: (N, L) calibration token ids; each step takes ``batch_size`` of them, in an order
             drawn from ``seed`` (one pass over them, then another order).
         steps: Adam steps (0: nothing happens).
-        rank: rank of each weight's update. lr: Adam's learning rate.
-        batch_size: windows per step. seed: window order and the initialisation of ``A``.
+        rank: rank of each weight's update, or ``"full"``: every entry of every decoder weight is
+            trained directly (the update is a dense matrix, not ``B A``; masked fine-tuning of the
+            remaining weights under ``keep_zeros``). ``"full"`` holds three float32 copies of the
+            decoder weights (the update and Adam's two moments) and usually needs a lower ``lr``.
+        lr: Adam's learning rate.
+        batch_size: windows per step. micro_batch_size: windows per forward/backward (``None``:
+            ``batch_size``); a step accumulates the gradients of ``ceil(batch_size /
+            micro_batch_size)`` of them, each weighted by its share of the step's positions, so it
+            trains the same as one pass (up to rounding) with the activations of fewer windows alive.
+        seed: window order and the initialisation of ``A``.
         keep_zeros: every weight entry that is exactly zero when the pass starts stays exactly
             zero: the update is ``M * (B A)`` with ``M`` the mask of non-zero entries, in training
             and in the merge. For sparse models (unstructured or N:M), whose pattern it keeps.
@@ -91,12 +100,15 @@ def apply_low_rank_correction_(
     _check_windows(windows)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be an int >= 1 or 'full', got {rank!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    micro = batch_size if micro_batch_size is None else micro_batch_size
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise ValueError(f"micro_batch_size must be an int >= 1 or None, got {micro_batch_size!r}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module mapping token ids to logits, got {type(teacher).__name__}")
     hf = teacher is not None and is_hf_model(teacher)
@@ -114,17 +126,20 @@ def apply_low_rank_correction_(
     gen = torch.Generator().manual_seed(seed)
     weights = {n: gm.get_parameter(n) for n in names}
     device = next(iter(weights.values())).device
-    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    adapters: dict[str, tuple[torch.Tensor, ...]] = {}
     for n, w in weights.items():
         rows, cols = w.shape
+        if rank == "full":  # the update itself is trained: Adam on W + D from D = 0 is Adam on W
+            adapters[n] = (torch.zeros(rows, cols, dtype=torch.float32, device=device, requires_grad=True),)
+            continue
         a = (torch.rand(rank, cols, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(cols)
         b = torch.zeros(rows, rank, dtype=torch.float32)
         adapters[n] = (a.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
     keep = {n: w.detach() != 0 for n, w in weights.items()} if keep_zeros else {}
 
     def delta(n: str) -> torch.Tensor:
-        a, b = adapters[n]
-        d = (b @ a).to(weights[n].dtype)
+        ab = adapters[n]
+        d = (ab[0] if len(ab) == 1 else ab[1] @ ab[0]).to(weights[n].dtype)
         return d * keep[n] if keep_zeros else d
 
     frozen = {k: p.detach() for k, p in gm.named_parameters()}  # no gradients for the weights themselves
@@ -135,26 +150,35 @@ def apply_low_rank_correction_(
         if len(order) < batch_size:
             order += torch.randperm(len(windows), generator=gen).tolist()
         pick, order = order[:batch_size], order[batch_size:]
-        ids = windows[pick].to(device)
-        params = dict(frozen)
-        params.update({n: w.detach() + delta(n) for n, w in weights.items()})
-        with sweep_precision(precision, device):
-            logits = torch.func.functional_call(run, params, (ids,), strict=False)
-            if teacher is None:
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            else:
-                with torch.no_grad():
-                    target = F.log_softmax(_logits(teacher, ids, hf).float(), dim=-1).flatten(0, 1)
-                log_p = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
-                loss = F.kl_div(log_p, target, log_target=True, reduction="batchmean")
-                del target
-            if not torch.isfinite(loss):
-                raise ValueError(f"low-rank correction: the loss became {loss.item()} at step {step}; lower lr")
-            losses.append(loss.item())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for at in range(0, batch_size, micro):  # gradient accumulation over micro-batches
+            ids = windows[pick[at : at + micro]].to(device)
+            share = len(ids) / len(pick)  # every window has the same positions: its share of the mean
+            params = dict(frozen)
+            params.update({n: w.detach() + delta(n) for n, w in weights.items()})
+            with sweep_precision(precision, device):
+                logits = torch.func.functional_call(run, params, (ids,), strict=False)
+                loss = _loss(logits, ids, teacher, hf)
+                del logits
+                if not torch.isfinite(loss):
+                    raise ValueError(f"low-rank correction: the loss became {loss.item()} at step {step}; lower lr")
+                step_loss += share * loss.item()
+                (share * loss).backward()
+        losses.append(step_loss)
         opt.step()
     with torch.no_grad():
         for n, w in weights.items():
             w.add_(delta(n))
     return losses
+
+
+def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher: nn.Module | None, hf: bool) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``ids``, or with a ``teacher`` the mean over every position
+    of ``KL(p_teacher || p)``."""
+    if teacher is None:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    with torch.no_grad():
+        target = F.log_softmax(_logits(teacher, ids, hf).float(), dim=-1).flatten(0, 1)
+    log_p = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+    return F.kl_div(log_p, target, log_target=True, reduction="batchmean")

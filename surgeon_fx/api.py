@@ -55,7 +55,8 @@ class CompressConfig:
             curvature is re-estimated on the already smaller model every shot.
         fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the model).
         damping: K-FAC damping relative to each factor's mean diagonal.
-        batch_size: calibration windows per forward/backward of the curvature sweep.
+        batch_size: calibration windows per forward/backward of the curvature sweep and of the
+            correction (``lora_steps``): the memory knob; the sweep's result does not depend on it.
         precision: arithmetic of the curvature sweep and of the low-rank correction's steps:
             ``"fp32"``, ``"tf32"`` (TensorFloat-32 matmuls on CUDA for the forward/backward and the
             factor products) or ``"mixed"`` (``"tf32"`` plus attention cores in bfloat16); factors
@@ -104,18 +105,24 @@ class CompressConfig:
         lora_steps: after every shot, this many Adam steps of a low-rank first-order correction
             (the paper's interleaved LoRA updates): each remaining decoder linear weight gets a
             rank-``lora_rank`` update trained on the next-token loss of the calibration windows
-            (``batch_size`` per step, order drawn from ``seed``) with learning rate ``lora_lr``,
+            (``lora_batch_size`` per step, order drawn from ``seed``) with learning rate ``lora_lr``,
             merged into the weight before the next shot
             (:func:`surgeon_fx.passes.lora.apply_low_rank_correction_`). After sparsity shots the
             update is masked, so every removed entry stays zero and an N:M pattern stays valid.
             ``0`` (default): none. Needs calibration; not with ``"published"`` (its masked weights
             would refill) and not under ``torch.distributed``. Costs one forward/backward per step.
+        lora_batch_size: calibration windows per step of that correction (``None``, default:
+            ``batch_size``). A step larger than ``batch_size`` accumulates gradients over forward/
+            backward passes of ``batch_size`` windows: the same training with less memory.
         lora_rank, lora_lr: rank and Adam learning rate of that correction. SmolLM2-135M, 40 shots
             to 50% on an H200 (``benchmarks/results/h200_session6/``): 16 steps of 8 windows per
             shot at ``3e-4`` lowered the perplexity at 90/80/70/60/50% from 26.4/33.0/45.0/63.8/103.3
             to 23.7/28.9/37.6/53.6/77.3 (1e-3 not measured there). A CPU ablation with 4 shots
             (``benchmarks/results/ablation_cpu_session5/``, ``ablation_cpu_session6/``) gave 24.1/29.8
             at 90/80% with ``3e-4``, 23.2/29.8 with ``1e-3``, 24.7/31.4 with ``1e-4`` (none: 25.0/32.6).
+            ``lora_rank="full"`` trains every remaining entry of the decoder weights directly (masked
+            fine-tuning after sparsity shots) instead of a rank-limited update: three more float32
+            copies of those weights in memory (the update, Adam's moments); use a lower ``lora_lr``.
         lora_loss: what that correction trains on: ``"next_token"`` (default; the cross-entropy of
             the calibration windows' next tokens, as the paper) or ``"distill"`` (the KL divergence
             from the original model's predictive distribution on the same windows; a frozen copy of
@@ -150,9 +157,10 @@ class CompressConfig:
     sparsity_rows: str = "auto"
     max_memory: int | str | None = None
     lora_steps: int = 0
-    lora_rank: int = 8
+    lora_rank: int | str = 8
     lora_lr: float = 3e-4
     lora_loss: str = "next_token"
+    lora_batch_size: int | None = None
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -240,10 +248,16 @@ class CompressConfig:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if isinstance(self.lora_steps, bool) or not isinstance(self.lora_steps, int) or self.lora_steps < 0:
             raise ValueError(f"lora_steps must be an int >= 0, got {self.lora_steps!r}")
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be an int >= 1, got {self.lora_rank!r}")
+        rank = self.lora_rank
+        if rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"lora_rank must be an int >= 1 or 'full' (train the weights themselves), got {rank!r}")
         if not isinstance(self.lora_lr, (int, float)) or not self.lora_lr > 0:
             raise ValueError(f"lora_lr must be > 0, got {self.lora_lr!r}")
+        if self.lora_batch_size is None:
+            object.__setattr__(self, "lora_batch_size", self.batch_size)
+        lbs = self.lora_batch_size
+        if isinstance(lbs, bool) or not isinstance(lbs, int) or lbs < 1:
+            raise ValueError(f"lora_batch_size must be an int >= 1 or None (batch_size), got {lbs!r}")
         if self.lora_loss not in LORA_LOSSES:
             raise ValueError(f"lora_loss must be one of {LORA_LOSSES}, got {self.lora_loss!r}")
         if self.lora_steps and self.method == "published":

@@ -31,7 +31,7 @@ def config_fields(args) -> dict:
     if args.max_memory is not None:
         kw["max_memory"] = args.max_memory
     kw |= {"lora_steps": args.lora_steps, "lora_rank": args.lora_rank, "lora_lr": args.lora_lr}
-    kw["lora_loss"] = args.lora_loss
+    kw |= {"lora_loss": args.lora_loss, "lora_batch_size": args.lora_batch_size}
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -127,6 +127,21 @@ def _check_config(config_class, args) -> None:
         config_class(**config_fields(args))
     except (ValueError, TypeError) as e:
         raise ValueError(f"these options do not fit together: {e}") from e
+
+
+def _lora_rank(text: str) -> int | str:
+    """``--lora-rank``: a positive int or ``full``."""
+    import argparse
+
+    if text == "full":
+        return text
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'full', got {text!r}")
+    return rank
 
 
 def add_basis_kinds(p) -> None:
@@ -253,8 +268,20 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         "windows, merged into the weights (the paper's interleaved LoRA updates; after sparsity shots masked "
         "so that zeros stay zero; default 0: none)",
     )
-    c.add_argument("--lora-rank", type=int, default=8, help="rank of that correction (default 8)")
+    c.add_argument(
+        "--lora-rank",
+        type=_lora_rank,
+        default=8,
+        help="rank of that correction (default 8), or 'full': train the remaining weights themselves (use a lower --lora-lr)",
+    )
     c.add_argument("--lora-lr", type=float, default=3e-4, help="its Adam learning rate (default 3e-4)")
+    c.add_argument(
+        "--lora-batch-size",
+        type=int,
+        default=None,
+        help="calibration windows per step of that correction (default: --batch-size); steps larger than "
+        "--batch-size accumulate gradients over passes of --batch-size windows (same training, less memory)",
+    )
     c.add_argument(
         "--lora-loss",
         default="next_token",

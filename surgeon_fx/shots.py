@@ -220,7 +220,8 @@ def low_rank_correction_(
         steps=cfg.lora_steps,
         rank=cfg.lora_rank,
         lr=cfg.lora_lr,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.lora_batch_size,
+        micro_batch_size=cfg.batch_size,
         seed=cfg.seed + shot,
         keep_zeros=keep_zeros,
         precision=cfg.precision,
@@ -395,6 +396,7 @@ RUN_KEYS = (
     "lora_rank",
     "lora_lr",
     "lora_loss",
+    "lora_batch_size",
 )
 """The options a structured checkpoint must share with the run that resumes it."""
 

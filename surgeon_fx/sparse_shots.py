@@ -95,6 +95,7 @@ def _state_of(cfg) -> dict:
         "lora_rank",
         "lora_lr",
         "lora_loss",
+        "lora_batch_size",
     )
     return {k: getattr(cfg, k) for k in keys}
 

@@ -173,6 +173,71 @@ def test_sparse_shots_get_the_masked_correction():
     assert all(not torch.equal(got.get_parameter(p), before[p]) for p in params)
 
 
+@pytest.mark.parametrize("distill", [False, True])
+def test_micro_batches_train_as_one_pass(distill):
+    """Gradient accumulation: 4 windows per step in passes of 3 + 1 windows give the losses and the
+    merged weights of 4 windows in one pass (next-token and distilled losses)."""
+    teacher = tiny_model("llama", seed=11).eval() if distill else None
+    results = []
+    for micro in (None, 3):
+        model = tiny_model("llama")
+        gm = sf.trace(model)
+        annotate_groups(gm)
+        kw = dict(steps=3, rank=2, lr=3e-3, batch_size=4, micro_batch_size=micro, seed=2, teacher=teacher)
+        losses = apply_low_rank_correction_(gm, CALIB, progress=False, **kw)
+        results.append((losses, model.state_dict()))
+    (one, w_one), (acc, w_acc) = results
+    assert one == pytest.approx(acc, rel=1e-5)
+    for k, v in w_one.items():
+        torch.testing.assert_close(w_acc[k], v, rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(v, tiny_model("llama").state_dict()[k]) for k, v in w_one.items())
+
+
+def test_full_rank_correction_is_masked_fine_tuning():
+    """rank="full" with keep_zeros equals Adam on the eager model's decoder weights themselves with
+    the gradients of the zero entries masked: the zeros stay exactly zero, the rest move."""
+    model = tiny_model("llama")
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    fqns = sorted({lay.weight for lay in sparse_layers(gm)})
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for f in fqns:  # half of every decoder weight zeroed at random, as after unstructured shots
+            model.get_parameter(f).mul_(torch.rand(model.get_parameter(f).shape, generator=gen) < 0.5)
+    ref = tiny_model("llama")
+    ref.load_state_dict(model.state_dict())
+    zeros = {f: model.get_parameter(f).detach() == 0 for f in fqns}
+    losses = apply_low_rank_correction_(
+        gm, CALIB, steps=4, rank="full", lr=1e-3, batch_size=2, seed=5, keep_zeros=True, progress=False
+    )
+    assert len(losses) == 4
+
+    # oracle: the same window order (the pass draws no adapter initialisation for "full")
+    gen = torch.Generator().manual_seed(5)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    weights = [ref.get_parameter(f).requires_grad_(True) for f in fqns]
+    opt = torch.optim.Adam(weights, lr=1e-3)
+    order: list[int] = []
+    for _ in range(4):
+        if len(order) < 2:
+            order += torch.randperm(len(CALIB), generator=gen).tolist()
+        pick, order = order[:2], order[2:]
+        x = CALIB[pick]
+        logits = ref(input_ids=x, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        for f, w in zip(fqns, weights):
+            w.grad.mul_(~zeros[f])
+        opt.step()
+    for f in fqns:
+        w = model.get_parameter(f)
+        torch.testing.assert_close(w, ref.get_parameter(f), rtol=1e-4, atol=1e-5)
+        assert torch.equal(w == 0, zeros[f]), f
+    assert all(not torch.equal(model.get_parameter(f), tiny_model("llama").get_parameter(f)) for f in fqns)
+
+
 def test_distilled_compress_learns_from_the_untouched_original(monkeypatch):
     """lora_loss="distill": every shot's correction gets the same teacher, equal to the caller's model
     before compress, even after structures were removed and with inplace=True."""
@@ -201,6 +266,8 @@ def test_distilled_compress_learns_from_the_untouched_original(monkeypatch):
     [
         (dict(lora_steps=-1), "lora_steps"),
         (dict(lora_steps=2, lora_rank=0), "lora_rank"),
+        (dict(lora_steps=2, lora_rank="half"), "lora_rank"),
+        (dict(lora_steps=2, lora_batch_size=0), "lora_batch_size"),
         (dict(lora_steps=2, lora_lr=0.0), "lora_lr"),
         (dict(lora_steps=2, method="published"), "published"),
         (dict(lora_steps=2, method="magnitude", calibration=None), "lora_steps needs calibration"),
