@@ -1,8 +1,9 @@
 """Shared by the benchmarks: what a result records about where it ran (versions, machine), and the
-method-variant options of the low-rank correction."""
+method-variant options of the low-rank correction, the per-shot log lines."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 
@@ -32,12 +33,14 @@ def machine(device: torch.device) -> dict:
 def correction_variant(option: str) -> dict:
     """``compress`` options of a method variant that sets the low-rank correction: ``"l16"`` (steps
     after every shot), ``"lr3e-4"`` (its learning rate), ``"r8"`` (its rank; ``"rfull"``: the weights
-    themselves), ``"lb8"`` (windows per step, accumulated over passes of the batch size),
-    ``"distill"`` (trained on the original model's predictions); ``{}`` for any other."""
+    themselves), ``"lb8"`` (windows per step, accumulated over passes of the batch size), ``"h8"``
+    (windows held out as its guard), ``"distill"`` (trained on the original model's predictions); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
     if option == "rfull":
         return {"lora_rank": "full"}
+    if option.startswith("h") and option[1:].isdigit():
+        return {"lora_holdout": int(option[1:])}
     if option.startswith("lb") and option[2:].isdigit():
         return {"lora_batch_size": int(option[2:])}
     if option.startswith("lr"):
@@ -45,3 +48,17 @@ def correction_variant(option: str) -> dict:
     if option[:1] in ("l", "r") and option[1:].isdigit():
         return {"lora_steps" if option[0] == "l" else "lora_rank": int(option[1:])}
     return {}
+
+
+class ShotLog(logging.Handler):
+    """Keeps the per-shot log lines (stage timings) so a cut-short run still has them."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("shot "):
+            self.lines.append(msg)
+            print(msg, flush=True)

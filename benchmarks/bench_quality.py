@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _env import correction_variant, machine, versions
+from _env import ShotLog, correction_variant, machine, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -124,7 +124,7 @@ def method_problem(method: str) -> str | None:
     for o in opts:
         head = o[:2] if o[:2] in ("lr", "lb") else o[:1]
         number = o[len(head) :].replace(".", "", 1).replace("e-", "", 1)
-        if o in fixed or (head in ("d", "s", "l", "r", "lr", "lb") and number.isdigit()):
+        if o in fixed or (head in ("d", "s", "l", "r", "lr", "lb", "h") and number.isdigit()):
             continue
         return f"{method!r}: unknown option {o!r} (see the variants listed in bench_quality.py)"
     return None
@@ -268,7 +268,7 @@ def main() -> int:
                     }
                     save(out, result)
 
-            handler = _ShotLog(shot_log)
+            handler = ShotLog(shot_log)
             logging.getLogger("surgeon_fx").addHandler(handler)
             logging.getLogger("surgeon_fx").setLevel(logging.INFO)
 
@@ -276,7 +276,8 @@ def main() -> int:
             # Fisher), "surgeon:s4" (4 shots per 10%), "surgeon:nores" (no residual channels), "surgeon:all"
             # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32",
             # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":rfull" the weights
-            # themselves, ":lr1e-3" its rate, ":distill" trained on the original model's predictions)
+            # themselves, ":lr1e-3" its rate, ":lb8" windows per step, ":h8" windows held out as its guard,
+            # ":distill" trained on the original model's predictions)
             base, *opts = method.split(":")
             extra = {
                 "update": "none" if "noupdate" in opts else args.update,
@@ -334,20 +335,6 @@ def main() -> int:
     save(out, result)
     print(markdown(result))
     return 0
-
-
-class _ShotLog(logging.Handler):
-    """Keeps the per-shot log lines (stage timings) so a cut-short run still has them."""
-
-    def __init__(self, lines: list[str]):
-        super().__init__(logging.INFO)
-        self.lines = lines
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if msg.startswith("shot "):
-            self.lines.append(msg)
-            print(msg, flush=True)
 
 
 def save(out: Path, result: dict) -> None:

@@ -26,6 +26,7 @@ import argparse
 import copy
 import gc
 import json
+import logging
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from _env import correction_variant, machine, versions
+from _env import ShotLog, correction_variant, machine, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -119,7 +120,7 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
             t0 = time.perf_counter()
             # variants: "surgeon:independent" (rows treated independently), "surgeon:layer" (same sparsity in every layer), "surgeon:d0.1" (damping), "surgeon:s8"
             # (shots), "surgeon:noupdate" (no OBS update), "surgeon:l16" (16 low-rank correction steps after every
-            # shot, zeros kept; ":lr3e-4" its rate, ":r8" its rank (":rfull": masked fine-tuning), ":distill" on the original's predictions, ":b8"
+            # shot, zeros kept; ":lr3e-4" its rate, ":r8" its rank (":rfull": masked fine-tuning), ":h8" held-out guard, ":distill" on the original's predictions, ":b8"
             # windows per step); combine them: "surgeon:layer:d0.1"
             base, *opts = method.split(":")
             kw = {"damping": args.damping, "sparsity_scope": args.scope, "precision": args.precision}
@@ -141,17 +142,24 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                     shots = int(o[1:])
                 else:
                     raise SystemExit(f"unknown method variant {o!r} in {method!r}")
-            sparse = sf.compress(
-                model,
-                0.0,
-                calibration=calib,
-                sparsity=pattern,
-                method=base,
-                shots=shots,
-                chunk_size=args.chunk_size,
-                progress=False,
-                **kw,
-            )
+            shot_log: list[str] = []  # the per-shot correction lines (training / held-out loss)
+            handler = ShotLog(shot_log)
+            logging.getLogger("surgeon_fx").addHandler(handler)
+            logging.getLogger("surgeon_fx").setLevel(logging.INFO)
+            try:
+                sparse = sf.compress(
+                    model,
+                    0.0,
+                    calibration=calib,
+                    sparsity=pattern,
+                    method=base,
+                    shots=shots,
+                    chunk_size=args.chunk_size,
+                    progress=False,
+                    **kw,
+                )
+            finally:
+                logging.getLogger("surgeon_fx").removeHandler(handler)
             seconds = time.perf_counter() - t0
             rep = sparse.surgeon_fx_sparsity
             nm = sf.patterns.parse_sparsity(pattern)
@@ -164,6 +172,7 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                 "shots": shots,
                 "seconds": seconds,
                 "per_param": rep.per_param,
+                "shot_log": shot_log,
             }
             say(
                 f"{pattern} {method}: ppl {ppl:.3f}, zero {100 * rep.reached:.2f}%, {seconds:.0f}s, nm violations {bad}"

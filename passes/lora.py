@@ -24,6 +24,7 @@ removed, where a module-wrapping LoRA library would see no ``nn.Linear`` layers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,25 @@ from .curvature import _check_windows, sweep_precision, with_precision
 from .groups import get_groups
 from .sparsity import sparse_layers
 
-__all__ = ["apply_low_rank_correction_"]
+__all__ = ["apply_low_rank_correction_", "Correction"]
+
+
+@dataclass
+class Correction:
+    """What one run of :func:`apply_low_rank_correction_` did.
+
+    Attributes:
+        losses: the training loss of every step, before its update.
+        holdout_before, holdout_after: with ``holdout`` windows, their loss (the same loss as the
+            training's) without and with the trained update; ``None`` without them.
+        kept: whether the update was merged into the weights (``False`` when it did not lower the
+            held-out loss, or there were no steps).
+    """
+
+    losses: list[float] = field(default_factory=list)
+    holdout_before: float | None = None
+    holdout_after: float | None = None
+    kept: bool = False
 
 
 def apply_low_rank_correction_(
@@ -54,8 +73,9 @@ def apply_low_rank_correction_(
     keep_zeros: bool = False,
     precision: str = "fp32",
     teacher: nn.Module | None = None,
+    holdout: torch.Tensor | None = None,
     progress: bool = True,
-) -> list[float]:
+) -> Correction:
     """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
 
     Args:
@@ -88,11 +108,17 @@ def apply_low_rank_correction_(
             already predicts as the teacher does. The teacher runs under ``torch.no_grad`` on the
             graph's device, as it is (put it in eval mode), in ``precision`` (its attention in
             bfloat16 under ``"mixed"`` when it is a traced graph); it is not changed.
+        holdout: (K, L) held-out token ids (not trained on): the update is merged only when it
+            lowers their loss (the training loss, measured without and with the update after the
+            last step); otherwise the weights stay as they were. A guard against fitting
+            ``windows`` at the expense of other text, which more steps, a higher rank or ``lr``
+            invite. ``None`` (default): always merged.
         progress: a progress bar over the steps.
 
     Returns:
-        The training loss (mean next-token cross-entropy, or the mean KL divergence with a
-        ``teacher``) of every step, before its update.
+        A :class:`Correction`: the training loss (mean next-token cross-entropy, or the mean KL
+        divergence with a ``teacher``) of every step before its update, the held-out losses and
+        whether the update was merged.
 
     Raises:
         ValueError: bad windows or options; no decoder linear layer in the graph; a non-finite loss.
@@ -115,8 +141,10 @@ def apply_low_rank_correction_(
     if isinstance(teacher, fx.GraphModule):
         teacher = with_precision(teacher, precision)
     run = with_precision(gm, precision)  # checks precision
+    if holdout is not None:
+        _check_windows(holdout)
     if steps == 0:
-        return []
+        return Correction()
     if rank_and_world()[1] > 1:
         raise ValueError("the low-rank correction does not run under torch.distributed yet; use one process")
     targets = get_groups(gm).param_targets
@@ -143,9 +171,24 @@ def apply_low_rank_correction_(
         return d * keep[n] if keep_zeros else d
 
     frozen = {k: p.detach() for k, p in gm.named_parameters()}  # no gradients for the weights themselves
+
+    def forward_loss(ids: torch.Tensor) -> torch.Tensor:
+        params = dict(frozen)
+        params.update({n: w.detach() + delta(n) for n, w in weights.items()})
+        with sweep_precision(precision, device):
+            return _loss(torch.func.functional_call(run, params, (ids,), strict=False), ids, teacher, hf)
+
+    def holdout_loss() -> float:
+        with torch.no_grad():
+            parts = [forward_loss(holdout[at : at + micro].to(device)).item() for at in range(0, len(holdout), micro)]
+            sizes = [len(holdout[at : at + micro]) for at in range(0, len(holdout), micro)]
+        return sum(p * n for p, n in zip(parts, sizes)) / len(holdout)
+
+    result = Correction()
+    if holdout is not None:
+        result.holdout_before = holdout_loss()  # B = 0 (or D = 0): the weights as they are
     opt = torch.optim.Adam([t for ab in adapters.values() for t in ab], lr=lr)
     order: list[int] = []
-    losses = []
     for step in tqdm(range(steps), desc="low-rank correction", disable=not progress, leave=False):
         if len(order) < batch_size:
             order += torch.randperm(len(windows), generator=gen).tolist()
@@ -155,22 +198,22 @@ def apply_low_rank_correction_(
         for at in range(0, batch_size, micro):  # gradient accumulation over micro-batches
             ids = windows[pick[at : at + micro]].to(device)
             share = len(ids) / len(pick)  # every window has the same positions: its share of the mean
-            params = dict(frozen)
-            params.update({n: w.detach() + delta(n) for n, w in weights.items()})
+            loss = forward_loss(ids)
+            if not torch.isfinite(loss):
+                raise ValueError(f"low-rank correction: the loss became {loss.item()} at step {step}; lower lr")
+            step_loss += share * loss.item()
             with sweep_precision(precision, device):
-                logits = torch.func.functional_call(run, params, (ids,), strict=False)
-                loss = _loss(logits, ids, teacher, hf)
-                del logits
-                if not torch.isfinite(loss):
-                    raise ValueError(f"low-rank correction: the loss became {loss.item()} at step {step}; lower lr")
-                step_loss += share * loss.item()
                 (share * loss).backward()
-        losses.append(step_loss)
+        result.losses.append(step_loss)
         opt.step()
-    with torch.no_grad():
-        for n, w in weights.items():
-            w.add_(delta(n))
-    return losses
+    if holdout is not None:
+        result.holdout_after = holdout_loss()
+    result.kept = holdout is None or result.holdout_after < result.holdout_before
+    if result.kept:
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.add_(delta(n))
+    return result
 
 
 def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher: nn.Module | None, hf: bool) -> torch.Tensor:

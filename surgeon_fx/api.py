@@ -114,6 +114,9 @@ class CompressConfig:
         lora_batch_size: calibration windows per step of that correction (``None``, default:
             ``batch_size``). A step larger than ``batch_size`` accumulates gradients over forward/
             backward passes of ``batch_size`` windows: the same training with less memory.
+        lora_holdout: the last this many calibration windows are held out from that correction
+            (the curvature sweeps still use them) and guard it: a shot's update is merged only if
+            it lowers their loss, and the log line shows it (0, default: no guard).
         lora_rank, lora_lr: rank and Adam learning rate of that correction. SmolLM2-135M, 40 shots
             to 50% on an H200 (``benchmarks/results/h200_session6/``): 16 steps of 8 windows per
             shot at ``3e-4`` lowered the perplexity at 90/80/70/60/50% from 26.4/33.0/45.0/63.8/103.3
@@ -161,6 +164,7 @@ class CompressConfig:
     lora_lr: float = 3e-4
     lora_loss: str = "next_token"
     lora_batch_size: int | None = None
+    lora_holdout: int = 0
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -258,6 +262,9 @@ class CompressConfig:
         lbs = self.lora_batch_size
         if isinstance(lbs, bool) or not isinstance(lbs, int) or lbs < 1:
             raise ValueError(f"lora_batch_size must be an int >= 1 or None (batch_size), got {lbs!r}")
+        hold = self.lora_holdout
+        if isinstance(hold, bool) or not isinstance(hold, int) or hold < 0:
+            raise ValueError(f"lora_holdout must be an int >= 0 (held-out calibration windows), got {hold!r}")
         if self.lora_loss not in LORA_LOSSES:
             raise ValueError(f"lora_loss must be one of {LORA_LOSSES}, got {self.lora_loss!r}")
         if self.lora_steps and self.method == "published":
@@ -421,6 +428,11 @@ def compress(
                 "calibration_windows('wiki', tokenizer, n=128, seq_len=2048), or use method='magnitude'"
             )
         calibration = check_calibration(calibration, vocab_size_of(model))
+        if cfg.lora_steps and cfg.lora_holdout >= len(calibration):
+            raise ValueError(
+                f"lora_holdout={cfg.lora_holdout} holds out every one of the {len(calibration)} calibration "
+                "windows: the correction needs at least one to train on; lower lora_holdout or pass more windows"
+            )
     torch.manual_seed(cfg.seed)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")

@@ -31,7 +31,7 @@ def config_fields(args) -> dict:
     if args.max_memory is not None:
         kw["max_memory"] = args.max_memory
     kw |= {"lora_steps": args.lora_steps, "lora_rank": args.lora_rank, "lora_lr": args.lora_lr}
-    kw |= {"lora_loss": args.lora_loss, "lora_batch_size": args.lora_batch_size}
+    kw |= {"lora_loss": args.lora_loss, "lora_batch_size": args.lora_batch_size, "lora_holdout": args.lora_holdout}
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -281,6 +281,13 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         default=None,
         help="calibration windows per step of that correction (default: --batch-size); steps larger than "
         "--batch-size accumulate gradients over passes of --batch-size windows (same training, less memory)",
+    )
+    c.add_argument(
+        "--lora-holdout",
+        type=int,
+        default=0,
+        help="hold the last K calibration windows out of that correction and merge a shot's update only if it "
+        "lowers their loss (default 0: no guard)",
     )
     c.add_argument(
         "--lora-loss",

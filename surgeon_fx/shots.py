@@ -208,15 +208,18 @@ def low_rank_correction_(
     gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True, teacher=None
 ):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
-    (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss == "distill"``; logs its training
-    loss over the first and the last steps."""
+    (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss == "distill"``, the last
+    ``cfg.lora_holdout`` windows held out as its guard; logs its training loss over the first and
+    the last steps (and the held-out loss)."""
     if cfg.lora_loss == "distill" and teacher is None:
         raise ValueError("lora_loss='distill' needs the original model as teacher (compress passes it)")
     from .passes.lora import apply_low_rank_correction_
 
-    losses = apply_low_rank_correction_(
+    k = cfg.lora_holdout
+    train, holdout = (calibration[:-k], calibration[-k:]) if k else (calibration, None)
+    done = apply_low_rank_correction_(
         gm,
-        calibration,
+        train,
         steps=cfg.lora_steps,
         rank=cfg.lora_rank,
         lr=cfg.lora_lr,
@@ -226,18 +229,17 @@ def low_rank_correction_(
         keep_zeros=keep_zeros,
         precision=cfg.precision,
         teacher=teacher if cfg.lora_loss == "distill" else None,
+        holdout=holdout,
         progress=progress,
     )
+    losses = done.losses
     k = max(1, min(4, len(losses) // 2))  # steps see different windows: average a few at each end
-    log.info(
-        "shot %d correction: %d steps, training loss %.4f (first %d) -> %.4f (last %d)",
-        shot,
-        len(losses),
-        sum(losses[:k]) / k,
-        k,
-        sum(losses[-k:]) / k,
-        k,
-    )
+    msg = "shot %d correction: %d steps, training loss %.4f (first %d) -> %.4f (last %d)"
+    args = [shot, len(losses), sum(losses[:k]) / k, k, sum(losses[-k:]) / k, k]
+    if holdout is not None:
+        msg += ", held-out loss %.4f -> %.4f, %s"
+        args += [done.holdout_before, done.holdout_after, "merged" if done.kept else "not merged"]
+    log.info(msg, *args)
 
 
 def sweep_curvature(
@@ -397,6 +399,7 @@ RUN_KEYS = (
     "lora_lr",
     "lora_loss",
     "lora_batch_size",
+    "lora_holdout",
 )
 """The options a structured checkpoint must share with the run that resumes it."""
 

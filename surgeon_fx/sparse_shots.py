@@ -96,6 +96,7 @@ def _state_of(cfg) -> dict:
         "lora_lr",
         "lora_loss",
         "lora_batch_size",
+        "lora_holdout",
     )
     return {k: getattr(cfg, k) for k in keys}
 

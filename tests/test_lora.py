@@ -74,7 +74,7 @@ def test_correction_is_lora_trained_and_merged():
     assert sorted(targets[f] for f in fqns) == [targets[f] for f in fqns]  # same draw order as the pass
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kw = dict(steps=6, rank=3, lr=3e-3, batch_size=2, seed=5)
-    losses = apply_low_rank_correction_(gm, CALIB, progress=False, **kw)
+    losses = apply_low_rank_correction_(gm, CALIB, progress=False, **kw).losses
     assert len(losses) == 6
     ref = _eager_lora(tiny_model("llama"), fqns, **kw)
     after = model.state_dict()
@@ -102,7 +102,7 @@ def test_distilled_correction_matches_the_eager_oracle_and_starts_at_zero_loss()
     annotate_groups(gm)
     fqns = sorted({lay.weight for lay in sparse_layers(gm)})
     kw = dict(steps=4, rank=3, lr=3e-3, batch_size=2, seed=5)
-    losses = apply_low_rank_correction_(gm, CALIB, teacher=teacher, progress=False, **kw)
+    losses = apply_low_rank_correction_(gm, CALIB, teacher=teacher, progress=False, **kw).losses
     ref = _eager_lora(tiny_model("llama"), fqns, teacher=teacher, **kw)
     for k in fqns:
         torch.testing.assert_close(model.state_dict()[k], ref.state_dict()[k], rtol=1e-4, atol=1e-5)
@@ -110,7 +110,7 @@ def test_distilled_correction_matches_the_eager_oracle_and_starts_at_zero_loss()
     gm = sf.trace(tiny_model("llama"))
     annotate_groups(gm)
     first = apply_low_rank_correction_(gm, CALIB, steps=1, teacher=tiny_model("llama").eval(), progress=False)
-    assert abs(first[0]) < 1e-5
+    assert abs(first.losses[0]) < 1e-5
     with pytest.raises(TypeError, match="teacher"):
         apply_low_rank_correction_(gm, CALIB, steps=1, teacher=lambda x: x)
 
@@ -125,7 +125,7 @@ def test_mixed_precision_correction_runs_attention_in_bf16_on_a_copy():
         annotate_groups(gm)
         targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
         kw = dict(steps=3, rank=3, lr=3e-3, batch_size=2, seed=5, progress=False)
-        runs[precision] = apply_low_rank_correction_(gm, CALIB, precision=precision, **kw)
+        runs[precision] = apply_low_rank_correction_(gm, CALIB, precision=precision, **kw).losses
         assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == targets
     fp32, mixed = torch.tensor(runs["fp32"]), torch.tensor(runs["mixed"])
     torch.testing.assert_close(mixed, fp32, rtol=2e-2, atol=0)
@@ -184,13 +184,73 @@ def test_micro_batches_train_as_one_pass(distill):
         gm = sf.trace(model)
         annotate_groups(gm)
         kw = dict(steps=3, rank=2, lr=3e-3, batch_size=4, micro_batch_size=micro, seed=2, teacher=teacher)
-        losses = apply_low_rank_correction_(gm, CALIB, progress=False, **kw)
+        losses = apply_low_rank_correction_(gm, CALIB, progress=False, **kw).losses
         results.append((losses, model.state_dict()))
     (one, w_one), (acc, w_acc) = results
     assert one == pytest.approx(acc, rel=1e-5)
     for k, v in w_one.items():
         torch.testing.assert_close(w_acc[k], v, rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(v, tiny_model("llama").state_dict()[k]) for k, v in w_one.items())
+
+
+def _mean_ce(model, windows):
+    with torch.no_grad():
+        lg = model(input_ids=windows, use_cache=False).logits
+    return F.cross_entropy(lg[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item()
+
+
+def test_holdout_guard_measures_and_merges_only_what_helps():
+    """holdout: its losses without / with the update are the eager model's mean cross-entropy before
+    / after; an update that lowers it is merged exactly as without the guard; one that raises it
+    (a far too high rate) leaves every weight as it was."""
+    held = ids(3, 12, seed=9)
+    kw = dict(steps=4, rank=3, lr=3e-3, batch_size=2, seed=5, progress=False)
+    plain = tiny_model("llama")
+    gm = sf.trace(plain)
+    annotate_groups(gm)
+    apply_low_rank_correction_(gm, CALIB, **kw)
+    model = tiny_model("llama")
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    before = _mean_ce(model, held)
+    done = apply_low_rank_correction_(gm, CALIB, holdout=held, micro_batch_size=2, **kw)
+    assert done.kept and done.holdout_after < done.holdout_before
+    assert done.holdout_before == pytest.approx(before, rel=1e-5)
+    assert done.holdout_after == pytest.approx(_mean_ce(model, held), rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, plain.state_dict()[k]), k
+
+    model = tiny_model("llama")
+    orig = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    done = apply_low_rank_correction_(gm, CALIB, holdout=held, **(kw | dict(lr=0.5)))
+    assert not done.kept and done.holdout_after > done.holdout_before
+    assert all(torch.equal(v, orig[k]) for k, v in model.state_dict().items())
+
+
+def test_compress_holds_out_the_last_windows(monkeypatch, caplog):
+    """lora_holdout=k: each shot's correction trains on all but the last k calibration windows and is
+    guarded by those k; the log line shows the held-out loss; k >= the number of windows is refused."""
+    import surgeon_fx.passes.lora as lora
+
+    calls = []
+    real = lora.apply_low_rank_correction_
+
+    def spy(gm, windows, **kw):
+        calls.append((windows, kw["holdout"]))
+        return real(gm, windows, **kw)
+
+    monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
+    kw = dict(calibration=CALIB, method="surgeon", shots=2, lora_steps=2, progress=False)
+    with caplog.at_level("INFO", logger="surgeon_fx"):
+        sf.compress(tiny_model("llama"), 0.2, lora_holdout=2, **kw)
+    assert len(calls) == 2
+    for train, held in calls:
+        assert torch.equal(train, CALIB[:-2]) and torch.equal(held, CALIB[-2:])
+    assert caplog.text.count("held-out loss") == 2
+    with pytest.raises(ValueError, match="lora_holdout"):
+        sf.compress(tiny_model("llama"), 0.2, lora_holdout=len(CALIB), **kw)
 
 
 def test_full_rank_correction_is_masked_fine_tuning():
@@ -210,7 +270,7 @@ def test_full_rank_correction_is_masked_fine_tuning():
     losses = apply_low_rank_correction_(
         gm, CALIB, steps=4, rank="full", lr=1e-3, batch_size=2, seed=5, keep_zeros=True, progress=False
     )
-    assert len(losses) == 4
+    assert len(losses.losses) == 4 and losses.kept
 
     # oracle: the same window order (the pass draws no adapter initialisation for "full")
     gen = torch.Generator().manual_seed(5)
@@ -268,6 +328,7 @@ def test_distilled_compress_learns_from_the_untouched_original(monkeypatch):
         (dict(lora_steps=2, lora_rank=0), "lora_rank"),
         (dict(lora_steps=2, lora_rank="half"), "lora_rank"),
         (dict(lora_steps=2, lora_batch_size=0), "lora_batch_size"),
+        (dict(lora_steps=2, lora_holdout=-1), "lora_holdout"),
         (dict(lora_steps=2, lora_lr=0.0), "lora_lr"),
         (dict(lora_steps=2, method="published"), "published"),
         (dict(lora_steps=2, method="magnitude", calibration=None), "lora_steps needs calibration"),
