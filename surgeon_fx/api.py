@@ -126,6 +126,8 @@ class CompressConfig:
             ``lora_rank="full"`` trains every remaining entry of the decoder weights directly (masked
             fine-tuning after sparsity shots) instead of a rank-limited update: three more float32
             copies of those weights in memory (the update, Adam's moments); use a lower ``lora_lr``.
+            On SmolLM2-135M it overfits the 128 calibration windows and is worse than rank 8
+            everywhere (``benchmarks/results/h200_session8/``).
         lora_loss: what that correction trains on: ``"next_token"`` (default; the cross-entropy of
             the calibration windows' next tokens, as the paper) or ``"distill"`` (the KL divergence
             from the original model's predictive distribution on the same windows; a frozen copy of
