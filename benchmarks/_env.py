@@ -53,12 +53,13 @@ def correction_variant(option: str) -> dict:
 class ShotLog(logging.Handler):
     """Keeps the per-shot log lines (stage timings) so a cut-short run still has them."""
 
-    def __init__(self, lines: list[str]):
+    def __init__(self, lines: list[str], echo=None):
         super().__init__(logging.INFO)
         self.lines = lines
+        self.echo = echo or (lambda msg: print(msg, flush=True))  # also shown (and logged) this way
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
         if msg.startswith("shot "):
             self.lines.append(msg)
-            print(msg, flush=True)
+            self.echo(msg)

@@ -143,7 +143,7 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                 else:
                     raise SystemExit(f"unknown method variant {o!r} in {method!r}")
             shot_log: list[str] = []  # the per-shot correction lines (training / held-out loss)
-            handler = ShotLog(shot_log)
+            handler = ShotLog(shot_log, echo=say)
             logging.getLogger("surgeon_fx").addHandler(handler)
             logging.getLogger("surgeon_fx").setLevel(logging.INFO)
             try:
