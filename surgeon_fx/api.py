@@ -133,7 +133,10 @@ class CompressConfig:
             from the original model's predictive distribution on the same windows; a frozen copy of
             ``model`` taken before the first shot is the teacher, which costs one more copy of the
             model in memory and one forward of it per step). On a CPU ablation it recovered about
-            28% as much as ``"next_token"`` (``benchmarks/results/ablation_cpu_session7/``).
+            28% as much as ``"next_token"`` (``benchmarks/results/ablation_cpu_session7/``) in one
+            pass over the windows; with many passes (8 windows, 16 passes, full rank) it did not
+            overfit where ``"next_token"`` did (68.66 vs 272.10 after Wanda 2:4, none 141.44;
+            ``benchmarks/results/ablation_cpu_session8/``).
     """
 
     ratio: float
