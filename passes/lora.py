@@ -49,15 +49,21 @@ class Correction:
     Attributes:
         losses: the training loss of every step, before its update.
         holdout_before, holdout_after: with ``holdout`` windows, their loss (the same loss as the
-            training's) without and with the trained update; ``None`` without them.
-        kept: whether the update was merged into the weights (``False`` when it did not lower the
-            held-out loss, or there were no steps).
+            training's) without and with the merged update (the best checked; equal to
+            ``holdout_before`` when none was merged); ``None`` without them.
+        kept_step: how many steps the merged update had trained (``len(losses)`` without
+            ``holdout``; 0: nothing was merged).
     """
 
     losses: list[float] = field(default_factory=list)
     holdout_before: float | None = None
     holdout_after: float | None = None
-    kept: bool = False
+    kept_step: int = 0
+
+    @property
+    def kept(self) -> bool:
+        """Whether an update was merged into the weights."""
+        return self.kept_step > 0
 
 
 def apply_low_rank_correction_(
@@ -74,6 +80,7 @@ def apply_low_rank_correction_(
     precision: str = "fp32",
     teacher: nn.Module | None = None,
     holdout: torch.Tensor | None = None,
+    holdout_checks: int = 4,
     progress: bool = True,
 ) -> Correction:
     """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
@@ -108,11 +115,16 @@ def apply_low_rank_correction_(
             already predicts as the teacher does. The teacher runs under ``torch.no_grad`` on the
             graph's device, as it is (put it in eval mode), in ``precision`` (its attention in
             bfloat16 under ``"mixed"`` when it is a traced graph); it is not changed.
-        holdout: (K, L) held-out token ids (not trained on): the update is merged only when it
-            lowers their loss (the training loss, measured without and with the update after the
-            last step); otherwise the weights stay as they were. A guard against fitting
-            ``windows`` at the expense of other text, which more steps, a higher rank or ``lr``
-            invite. ``None`` (default): always merged.
+        holdout: (K, L) held-out token ids (not trained on): early stopping. Their loss (the
+            training loss) is measured before the first step and ``holdout_checks`` times during
+            training (every ``ceil(steps / holdout_checks)`` steps and after the last); the update
+            with the lowest held-out loss is merged, and none when no update beats the weights as
+            they were. A guard against fitting ``windows`` at the expense of other text, which
+            more steps, a higher rank or ``lr`` invite. ``None`` (default): the last update is
+            always merged.
+        holdout_checks: how many times training is checked against ``holdout`` (>= 1; 1: only
+            after the last step). Each check keeps a copy of the trained update (for a rank ``r``
+            update, ``r`` rows and columns per weight; for ``"full"``, one more copy of the weights).
         progress: a progress bar over the steps.
 
     Returns:
@@ -143,6 +155,8 @@ def apply_low_rank_correction_(
     run = with_precision(gm, precision)  # checks precision
     if holdout is not None:
         _check_windows(holdout)
+    if isinstance(holdout_checks, bool) or not isinstance(holdout_checks, int) or holdout_checks < 1:
+        raise ValueError(f"holdout_checks must be an int >= 1, got {holdout_checks!r}")
     if steps == 0:
         return Correction()
     if rank_and_world()[1] > 1:
@@ -185,8 +199,11 @@ def apply_low_rank_correction_(
         return sum(p * n for p, n in zip(parts, sizes)) / len(holdout)
 
     result = Correction()
+    best_step, best = steps, None  # without holdout: the last step's update
     if holdout is not None:
-        result.holdout_before = holdout_loss()  # B = 0 (or D = 0): the weights as they are
+        result.holdout_before = best = holdout_loss()  # B = 0 (or D = 0): the weights as they are
+        best_step = 0
+        every = -(-steps // holdout_checks)
     opt = torch.optim.Adam([t for ab in adapters.values() for t in ab], lr=lr)
     order: list[int] = []
     for step in tqdm(range(steps), desc="low-rank correction", disable=not progress, leave=False):
@@ -206,10 +223,21 @@ def apply_low_rank_correction_(
                 (share * loss).backward()
         result.losses.append(step_loss)
         opt.step()
+        done = step + 1
+        if holdout is not None and (done % every == 0 or done == steps):
+            now = holdout_loss()
+            if now < best:  # keep this update: the best held-out loss so far
+                best, best_step = now, done
+                saved = {n: tuple(t.detach().clone() for t in ab) for n, ab in adapters.items()}
     if holdout is not None:
-        result.holdout_after = holdout_loss()
-    result.kept = holdout is None or result.holdout_after < result.holdout_before
-    if result.kept:
+        result.holdout_after = best
+        if best_step and best_step < steps:  # an earlier check won: its update is the one merged
+            with torch.no_grad():
+                for n, ab in adapters.items():
+                    for t, kept in zip(ab, saved[n]):
+                        t.copy_(kept)
+    result.kept_step = best_step
+    if best_step:
         with torch.no_grad():
             for n, w in weights.items():
                 w.add_(delta(n))

@@ -115,8 +115,9 @@ class CompressConfig:
             ``batch_size``). A step larger than ``batch_size`` accumulates gradients over forward/
             backward passes of ``batch_size`` windows: the same training with less memory.
         lora_holdout: the last this many calibration windows are held out from that correction
-            (the curvature sweeps still use them) and guard it: a shot's update is merged only if
-            it lowers their loss, and the log line shows it (0, default: no guard).
+            (the curvature sweeps still use them) for early stopping: their loss is checked four
+            times during each shot's steps and the update with the lowest one is merged, none if
+            no update lowers it; the log line shows which (0, default: no guard).
         lora_rank, lora_lr: rank and Adam learning rate of that correction. SmolLM2-135M, 40 shots
             to 50% on an H200 (``benchmarks/results/h200_session6/``): 16 steps of 8 windows per
             shot at ``3e-4`` lowered the perplexity at 90/80/70/60/50% from 26.4/33.0/45.0/63.8/103.3

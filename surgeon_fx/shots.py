@@ -238,7 +238,8 @@ def low_rank_correction_(
     args = [shot, len(losses), sum(losses[:k]) / k, k, sum(losses[-k:]) / k, k]
     if holdout is not None:
         msg += ", held-out loss %.4f -> %.4f, %s"
-        args += [done.holdout_before, done.holdout_after, "merged" if done.kept else "not merged"]
+        args += [done.holdout_before, done.holdout_after]
+        args += [f"merged the update after step {done.kept_step}" if done.kept else "not merged"]
     log.info(msg, *args)
 
 

@@ -199,34 +199,44 @@ def _mean_ce(model, windows):
     return F.cross_entropy(lg[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item()
 
 
-def test_holdout_guard_measures_and_merges_only_what_helps():
-    """holdout: its losses without / with the update are the eager model's mean cross-entropy before
-    / after; an update that lowers it is merged exactly as without the guard; one that raises it
-    (a far too high rate) leaves every weight as it was."""
+def test_holdout_guard_merges_the_best_checked_update():
+    """holdout: early stopping. Checked after steps 2, 4 and 6, it merges the update of the check
+    with the lowest held-out loss, which is the unguarded run of that many steps (Adam's first k
+    steps do not depend on the total): the held-out losses are the eager model's mean
+    cross-entropy before and after, and the weights equal that run's. An update that only raises
+    the held-out loss (a far too high rate) leaves every weight as it was."""
     held = ids(3, 12, seed=9)
-    kw = dict(steps=4, rank=3, lr=3e-3, batch_size=2, seed=5, progress=False)
-    plain = tiny_model("llama")
-    gm = sf.trace(plain)
-    annotate_groups(gm)
-    apply_low_rank_correction_(gm, CALIB, **kw)
+    kw = dict(rank=3, lr=3e-3, batch_size=2, seed=5, progress=False)
+    runs = {}
+    for k in (2, 4, 6):  # oracle: the unguarded runs of 2, 4 and 6 steps
+        model = tiny_model("llama")
+        gm = sf.trace(model)
+        annotate_groups(gm)
+        apply_low_rank_correction_(gm, CALIB, steps=k, **kw)
+        runs[k] = (_mean_ce(model, held), model.state_dict())
     model = tiny_model("llama")
+    before = _mean_ce(model, held)
     gm = sf.trace(model)
     annotate_groups(gm)
-    before = _mean_ce(model, held)
-    done = apply_low_rank_correction_(gm, CALIB, holdout=held, micro_batch_size=2, **kw)
-    assert done.kept and done.holdout_after < done.holdout_before
+    done = apply_low_rank_correction_(gm, CALIB, steps=6, holdout=held, holdout_checks=3, micro_batch_size=1, **kw)
+    best = min(runs, key=lambda k: runs[k][0])
+    assert runs[best][0] < before and done.kept_step == best == 4  # an intermediate check wins here
     assert done.holdout_before == pytest.approx(before, rel=1e-5)
+    assert done.holdout_after == pytest.approx(runs[best][0], rel=1e-5)
     assert done.holdout_after == pytest.approx(_mean_ce(model, held), rel=1e-5)
     for k, v in model.state_dict().items():
-        assert torch.equal(v, plain.state_dict()[k]), k
+        torch.testing.assert_close(v, runs[best][1][k], rtol=1e-5, atol=1e-7)
+    assert len(done.losses) == 6
 
     model = tiny_model("llama")
     orig = {k: v.clone() for k, v in model.state_dict().items()}
     gm = sf.trace(model)
     annotate_groups(gm)
-    done = apply_low_rank_correction_(gm, CALIB, holdout=held, **(kw | dict(lr=0.5)))
-    assert not done.kept and done.holdout_after > done.holdout_before
+    done = apply_low_rank_correction_(gm, CALIB, steps=4, holdout=held, **(kw | dict(lr=0.5)))
+    assert not done.kept and done.kept_step == 0 and done.holdout_after == done.holdout_before
     assert all(torch.equal(v, orig[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="holdout_checks"):
+        apply_low_rank_correction_(gm, CALIB, steps=1, holdout=held, holdout_checks=0)
 
 
 def test_compress_holds_out_the_last_windows(monkeypatch, caplog):
