@@ -149,7 +149,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=1, help="calibration windows per curvature forward/backward")
     ap.add_argument("--kinds", default="heads,mlp,residual")
     ap.add_argument("--update", default="columns", choices=("none", "columns", "rows", "both"))
-    ap.add_argument("--precision", default="fp32", choices=sf.api.PRECISIONS, help="arithmetic of the curvature sweeps and the correction")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=sf.api.PRECISIONS,
+        help="arithmetic of the curvature sweeps and the correction",
+    )
     ap.add_argument("--speed", default="", help="time a curvature sweep against a bare fwd+bwd in these precisions")
     ap.add_argument("--speed-only", action="store_true", help="skip the quality table (with --speed)")
     ap.add_argument("--save-tokens", default=None, help="write calib.pt and eval.pt to this folder and exit")
