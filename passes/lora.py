@@ -247,8 +247,9 @@ def apply_low_rank_correction_(
 def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher: nn.Module | None, hf: bool) -> torch.Tensor:
     """Mean next-token cross-entropy of ``ids``, or with a ``teacher`` the mean over every position
     of ``KL(p_teacher || p)``."""
-    if teacher is None:
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    if teacher is None:  # the last position predicts nothing: ignored, so the logits need no sliced copy
+        targets = F.pad(ids[:, 1:], (0, 1), value=-100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     with torch.no_grad():
         target = F.log_softmax(_logits(teacher, ids, hf).float(), dim=-1).flatten(0, 1)
     log_p = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
