@@ -192,11 +192,10 @@ def apply_low_rank_correction_(
         with sweep_precision(precision, device):
             return _loss(torch.func.functional_call(run, params, (ids,), strict=False), ids, teacher, hf)
 
-    def holdout_loss() -> float:
+    def holdout_loss() -> float:  # the mean over every held-out window, in passes of ``micro`` windows
         with torch.no_grad():
-            parts = [forward_loss(holdout[at : at + micro].to(device)).item() for at in range(0, len(holdout), micro)]
-            sizes = [len(holdout[at : at + micro]) for at in range(0, len(holdout), micro)]
-        return sum(p * n for p, n in zip(parts, sizes)) / len(holdout)
+            chunks = holdout.split(micro)
+            return sum(len(c) * forward_loss(c.to(device)).item() for c in chunks) / len(holdout)
 
     result = Correction()
     best_step, best = steps, None  # without holdout: the last step's update
@@ -228,7 +227,8 @@ def apply_low_rank_correction_(
             now = holdout_loss()
             if now < best:  # keep this update: the best held-out loss so far
                 best, best_step = now, done
-                saved = {n: tuple(t.detach().clone() for t in ab) for n, ab in adapters.items()}
+                if done < steps:  # the last step's update needs no copy: the adapters hold it
+                    saved = {n: tuple(t.detach().clone() for t in ab) for n, ab in adapters.items()}
     if holdout is not None:
         result.holdout_after = best
         if best_step and best_step < steps:  # an earlier check won: its update is the one merged

@@ -286,8 +286,8 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         "--lora-holdout",
         type=int,
         default=0,
-        help="hold the last K calibration windows out of that correction and merge a shot's update only if it "
-        "lowers their loss (default 0: no guard)",
+        help="hold the last K calibration windows out of that correction for early stopping: their loss is "
+        "checked four times per shot and the best update merged, none if no update lowers it (default 0: no guard)",
     )
     c.add_argument(
         "--lora-loss",

@@ -215,8 +215,8 @@ def low_rank_correction_(
         raise ValueError("lora_loss='distill' needs the original model as teacher (compress passes it)")
     from .passes.lora import apply_low_rank_correction_
 
-    k = cfg.lora_holdout
-    train, holdout = (calibration[:-k], calibration[-k:]) if k else (calibration, None)
+    held = cfg.lora_holdout
+    train, holdout = (calibration[:-held], calibration[-held:]) if held else (calibration, None)
     done = apply_low_rank_correction_(
         gm,
         train,
