@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from surgeon_fx.evaluate import _logits
@@ -244,13 +245,39 @@ def apply_low_rank_correction_(
     return result
 
 
+_CHUNK_ENTRIES = 1 << 26  # logits entries per chunk of the loss: 256 MB of float32 intermediates
+
+
 def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher: nn.Module | None, hf: bool) -> torch.Tensor:
     """Mean next-token cross-entropy of ``ids``, or with a ``teacher`` the mean over every position
-    of ``KL(p_teacher || p)``."""
+    of ``KL(p_teacher || p)``.
+
+    Computed in chunks of positions, each under activation checkpointing: the float32
+    log-probabilities (and the teacher's) exist for one chunk at a time, in the forward and again
+    in the backward, instead of several copies of the whole ``[windows, length, vocabulary]``
+    logits. What autograd keeps is the logits themselves; their gradient is one tensor of their size.
+    """
+    flat = logits.flatten(0, 1)
     if teacher is None:  # the last position predicts nothing: ignored, so the logits need no sliced copy
-        targets = F.pad(ids[:, 1:], (0, 1), value=-100)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-    with torch.no_grad():
-        target = F.log_softmax(_logits(teacher, ids, hf).float(), dim=-1).flatten(0, 1)
-    log_p = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
-    return F.kl_div(log_p, target, log_target=True, reduction="batchmean")
+        other = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
+        piece, count = _cross_entropy_sum, ids.shape[0] * (ids.shape[1] - 1)
+    else:
+        with torch.no_grad():
+            other = _logits(teacher, ids, hf).flatten(0, 1)
+        piece, count = _kl_sum, flat.shape[0]
+    rows = max(1, _CHUNK_ENTRIES // flat.shape[-1])
+    save = torch.is_grad_enabled() and flat.requires_grad
+    total = flat.new_zeros((), dtype=torch.float32)
+    for x, y in zip(flat.split(rows), other.split(rows)):
+        total = total + (checkpoint(piece, x, y, use_reentrant=False) if save else piece(x, y))
+    return total / count
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def _kl_sum(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``sum KL(p_teacher || p)`` over the rows."""
+    target = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), target, log_target=True, reduction="sum")

@@ -349,3 +349,36 @@ def test_bad_correction_options_are_refused(options, match):
     kw = dict(calibration=CALIB, method="surgeon", progress=False) | options
     with pytest.raises(ValueError, match=match):
         sf.compress(tiny_model("llama"), 0.2, **kw)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_chunked_loss_equals_the_whole_loss_and_keeps_only_the_logits(monkeypatch, distill):
+    """The loss in checkpointed chunks of positions: value and gradient equal the direct formula (the
+    oracle), and autograd keeps only the (bfloat16) logits, not float32 log-probabilities of every position."""
+    from surgeon_fx.passes import lora
+
+    torch.manual_seed(0)
+    windows, length, vocab = 3, 7, 50
+    ids_ = torch.randint(vocab, (windows, length))
+    teacher_logits = torch.randn(windows, length, vocab).bfloat16()
+    teacher = type("T", (torch.nn.Module,), {"forward": lambda self, x: teacher_logits})() if distill else None
+    logits = torch.randn(windows, length, vocab).bfloat16().requires_grad_(True)
+    if distill:
+        p_t = F.softmax(teacher_logits.float(), -1)
+        want = F.kl_div(F.log_softmax(logits.float(), -1), p_t, reduction="sum") / (windows * length)
+    else:
+        want = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids_[:, 1:].flatten())
+    (want_grad,) = torch.autograd.grad(want, logits)
+    monkeypatch.setattr(lora, "_CHUNK_ENTRIES", 4 * vocab)  # 4 positions per chunk: 6 chunks of 21 positions
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+        got = lora._loss(logits, ids_, teacher, False)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    other = teacher_logits.nbytes if distill else ids_.nbytes
+    assert sum(saved) <= logits.nbytes + other  # unchunked: float32 log-probabilities, twice the bytes
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+        lora._loss(logits.detach(), ids_, teacher, False)  # no gradient wanted: no checkpoint, nothing saved
+    assert not saved
