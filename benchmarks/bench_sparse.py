@@ -130,6 +130,8 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                     kw["update"] = "none"
                 elif o in ("layer", "global"):
                     kw["sparsity_scope"] = o
+                elif o.startswith("band"):  # each layer's sparsity within ratio +- band
+                    kw["sparsity_band"] = float(o[4:])
                 elif o in ("independent", "coupled"):  # rows of the element costs and update
                     kw["sparsity_rows"] = o
                 elif correction := correction_variant(o):  # low-rank correction steps, rate, rank

@@ -15,6 +15,7 @@ with calibration windows, each stage of layers is measured after the earlier one
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,7 @@ def annotate_masks(
     update: bool = True,
     scope: str = "global",
     rows: str = "coupled",
+    band: float | None = None,
 ) -> None:
     """Choose the weights to zero and store them in ``gm.meta[MASKS]`` (a :class:`Masks`).
 
@@ -138,6 +140,10 @@ def annotate_masks(
         rows: surgeon: ``"coupled"`` (``F = G (x) A``) or ``"independent"`` (``F = diag(G) (x) A``:
             costs ``1/2 W_rc^2 (G_rr + d) / [A^-1]_cc`` and a per-row update that uses ``A`` only,
             as SparseGPT's; see :data:`ROWS`). Pass the same value to :func:`apply_masks_`.
+        band: surgeon, unstructured, ``scope="global"``: every layer's share of zeros stays within
+            ``(ratio - band, ratio + band)`` of the shot's schedule (``fraction`` times each bound,
+            clipped to [0, 1]); within those bounds one cost threshold still allocates the zeros
+            across layers (water-filling). ``None`` (default): no bounds, as the paper.
 
     Raises:
         ValueError: bad options; ``method="sparsegpt"`` (its masks come with its update).
@@ -147,6 +153,14 @@ def annotate_masks(
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     _check_rows(rows)
+    if band is not None:
+        if isinstance(band, bool) or not isinstance(band, (int, float)) or not 0 <= band <= 1:
+            raise ValueError(f"band must be a float in [0, 1] or None, got {band!r}")
+        if method != "surgeon" or scope != "global" or pattern != "unstructured":
+            raise ValueError(
+                "band bounds the global surgeon's unstructured allocation; it needs "
+                f"method='surgeon', scope='global', pattern='unstructured' (got {method!r}, {scope!r}, {pattern!r})"
+            )
     if method == "sparsegpt":
         raise ValueError("SparseGPT chooses its mask while updating the weights: use apply_sparsegpt_")
     curv = get_curvature(gm) if method != "magnitude" else None
@@ -177,7 +191,15 @@ def annotate_masks(
             costs.append(cost.float().reshape(-1))
             quotas.append(r * nm_quota(c, *nm) if nm is not None else ratio * r * c)
         parts = [(costs, quotas)] if scope == "global" else [([c], [q]) for c, q in zip(costs, quotas)]
-        chosen = torch.cat([_choose(torch.cat(cs), sum(qs) * fraction) for cs, qs in parts]) if costs else None
+        if band is not None and costs:
+            sizes = [c.numel() for c in costs]
+            lo = [math.ceil(max(0.0, ratio - band) * fraction * n) for n in sizes]
+            hi = [math.floor(min(1.0, ratio + band) * fraction * n) for n in sizes]
+            chosen = torch.cat(_choose_banded(costs, sum(quotas) * fraction, lo, hi))
+        elif costs:
+            chosen = torch.cat([_choose(torch.cat(cs), sum(qs) * fraction) for cs, qs in parts])
+        else:
+            chosen = None
         start = 0
         for lay in layers:
             r, c = _weight_matrix(gm, lay).shape
@@ -273,6 +295,45 @@ def _choose(flat: torch.Tensor, goal: float) -> torch.Tensor:
     forced = int((flat == -torch.inf).sum())
     k = min(max(round(goal), forced), int((flat < torch.inf).sum()))
     return select_smallest(flat, k)
+
+
+def _choose_banded(costs: list[torch.Tensor], goal: float, lo: list[int], hi: list[int]) -> list[torch.Tensor]:
+    """One threshold over every layer's costs, each layer's count clipped to ``[lo, hi]``.
+
+    Layer ``l`` takes its ``n_l`` cheapest entries, ``n_l = clip(#{costs_l <= t}, lo_l, hi_l)``, at the
+    smallest threshold ``t`` where the counts reach ``round(goal)`` (clipped to what the bounds
+    allow); entries tied at ``t`` fill the remainder in layer order. Forced (-inf) entries are always
+    taken (they raise both bounds of their layer), barred (+inf) never.
+    """
+    ranked = [c.sort().values for c in costs]
+    forced = [int((r == -torch.inf).sum()) for r in ranked]
+    finite = [int((r < torch.inf).sum()) for r in ranked]
+    lo_t = torch.tensor([min(max(a, f), n) for a, f, n in zip(lo, forced, finite)])
+    hi_t = torch.tensor([min(max(b, f), n) for b, f, n in zip(hi, forced, finite)])
+    hi_t = torch.maximum(hi_t, lo_t)
+    k = min(max(round(goal), int(lo_t.sum())), int(hi_t.sum()))
+
+    def counts(t: torch.Tensor, right: bool) -> torch.Tensor:
+        raw = torch.tensor([int(torch.searchsorted(r, t, right=right)) for r in ranked])
+        return torch.minimum(torch.maximum(raw, lo_t), hi_t)
+
+    values = torch.cat([r[f:n] for r, f, n in zip(ranked, forced, finite)]).sort().values
+    if k <= int(lo_t.sum()) or values.numel() == 0:
+        take = lo_t
+    else:
+        first, last = 0, values.numel() - 1  # the smallest index whose threshold reaches k
+        while first < last:
+            mid = (first + last) // 2
+            if int(counts(values[mid], True).sum()) >= k:
+                last = mid
+            else:
+                first = mid + 1
+        t = values[first]
+        take, more = counts(t, False), counts(t, True) - counts(t, False)
+        for i in range(len(ranked)):  # the entries tied at t, in layer order, up to k
+            add = min(k - int(take.sum()), int(more[i]))
+            take[i] += add
+    return [select_smallest(c, int(n)) for c, n in zip(costs, take)]
 
 
 def _diag(f: torch.Tensor) -> torch.Tensor:

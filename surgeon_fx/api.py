@@ -87,6 +87,12 @@ class CompressConfig:
             weights at once (chunks of rows; memory ``8 * chunk_size^2`` bytes, time ``~chunk_size^2``).
         sparsity_scope: ``"surgeon"`` sparsity: ``"global"`` (one cost threshold over all layers, as
             the paper) or ``"layer"`` (the same sparsity in every layer, costs rank within a layer).
+        sparsity_band: ``"surgeon"`` unstructured sparsity under ``"global"`` scope: every layer's
+            share of zeros stays within ``sparsity_ratio +- sparsity_band`` (scaled by each shot's
+            schedule); inside those bounds one cost threshold still allocates the zeros
+            (:func:`surgeon_fx.passes.sparsity.annotate_masks`'s ``band``). ``None`` (default): no
+            bounds, as the paper; the global threshold then leaves SmolLM2-135M's layers between
+            9% and 98% zeros at 50%.
         sparsity_rows: ``"surgeon"`` sparsity: ``"coupled"`` (the paper's ``F = G (x) A``: costs and
             the correlated update through the full output factor), ``"independent"`` (``diag(G)``:
             each row's removals are compensated under ``A`` alone; see
@@ -167,6 +173,7 @@ class CompressConfig:
     chunk_size: int = 1024
     sparsity_scope: str = "global"
     sparsity_rows: str = "auto"
+    sparsity_band: float | None = None
     max_memory: int | str | None = None
     lora_steps: int = 0
     lora_rank: int | str = 8
@@ -212,6 +219,16 @@ class CompressConfig:
                 )
         if self.sparsity_scope not in ("global", "layer"):
             raise ValueError(f"sparsity_scope must be 'global' or 'layer', got {self.sparsity_scope!r}")
+        if self.sparsity_band is not None:
+            band = self.sparsity_band
+            if isinstance(band, bool) or not isinstance(band, (int, float)) or not 0 <= band <= 1:
+                raise ValueError(f"sparsity_band must be a float in [0, 1] or None, got {band!r}")
+            if pattern != "unstructured" or self.method != "surgeon" or self.sparsity_scope != "global":
+                raise ValueError(
+                    "sparsity_band bounds how the global surgeon spreads unstructured zeros over layers: it needs "
+                    f"sparsity='unstructured', method='surgeon', sparsity_scope='global' (got {self.sparsity!r}, "
+                    f"{self.method!r}, {self.sparsity_scope!r})"
+                )
         if self.sparsity_rows not in ("auto", "coupled", "independent"):
             raise ValueError(f"sparsity_rows must be 'auto', 'coupled' or 'independent', got {self.sparsity_rows!r}")
         if self.sparsity_rows == "auto" and self.sparsity is not None:

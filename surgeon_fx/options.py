@@ -35,6 +35,8 @@ def config_fields(args) -> dict:
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
+        if args.sparsity_band is not None:
+            kw["sparsity_band"] = args.sparsity_band
         if args.sparsity_ratio is not None:
             kw["sparsity_ratio"] = args.sparsity_ratio
     return kw
@@ -80,6 +82,7 @@ def check_compress_args(args) -> None:
             raise ValueError(f"--method {args.method} only sparsifies: pass --sparsity unstructured or N:M (e.g. 2:4)")
         given = {"--sparsity-ratio": args.sparsity_ratio, "--sparsity-scope": args.sparsity_scope}
         given["--sparsity-rows"] = args.sparsity_rows
+        given["--sparsity-band"] = args.sparsity_band
         given["--chunk-size"] = args.chunk_size
         for option, value in given.items():
             if value is not None:
@@ -110,12 +113,21 @@ def check_compress_args(args) -> None:
     surgeon_only = (
         ("--sparsity-scope", args.sparsity_scope),
         ("--sparsity-rows", args.sparsity_rows),
+        ("--sparsity-band", args.sparsity_band),
         ("--chunk-size", args.chunk_size),
     )
     for option, value in surgeon_only:
         if value is not None and args.method != "surgeon":
             raise ValueError(f"{option} applies to --method surgeon only (--method {args.method} ranks per layer)")
     args.sparsity_scope = args.sparsity_scope or "global"
+    if args.sparsity_band is not None:
+        if not 0.0 <= args.sparsity_band <= 1.0:
+            raise ValueError(f"--sparsity-band must be in [0, 1], got {args.sparsity_band}")
+        if pattern != "unstructured" or args.sparsity_scope != "global":
+            raise ValueError(
+                "--sparsity-band bounds each layer's share of unstructured zeros under --sparsity-scope "
+                "global: use it with --sparsity unstructured, without --sparsity-scope layer"
+            )
     args.sparsity_rows = args.sparsity_rows or "auto"
     args.chunk_size = args.chunk_size or CHUNK_SIZE
     _check_config(CompressConfig, args)
@@ -211,6 +223,13 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         choices=("global", "layer"),
         help="with --sparsity and --method surgeon: one cost threshold over all layers (global; default) or the "
         "same sparsity in every layer",
+    )
+    c.add_argument(
+        "--sparsity-band",
+        type=float,
+        default=None,
+        help="with --sparsity unstructured and --method surgeon: keep every layer's share of zeros within "
+        "--sparsity-ratio +- this (default: unbounded, one global threshold as the paper)",
     )
     c.add_argument(
         "--sparsity-rows",

@@ -89,6 +89,7 @@ def _state_of(cfg) -> dict:
         "sparsity_ratio",
         "sparsity_rows",
         "sparsity_scope",
+        "sparsity_band",
         "damping",
         "fisher",
         "lora_steps",
@@ -218,6 +219,7 @@ def run_sparsity_shots(
                 update=update,
                 scope=cfg.sparsity_scope,
                 rows=cfg.sparsity_rows,
+                band=cfg.sparsity_band,
             )
             apply_masks_(gm, update=update, damping=cfg.damping, chunk_size=cfg.chunk_size, rows=cfg.sparsity_rows)
         prior = gm.meta[MASKS].masks

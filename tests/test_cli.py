@@ -239,6 +239,10 @@ def test_compress_with_2_4_sparsity(src, tmp_path, ratio):
         (["--sparsity", "2:4", "--sparsity-scope", "layer"], "--sparsity-scope"),
         (["--sparsity", "2:4", "--sparsity-rows", "coupled"], "--sparsity-rows"),
         (["--sparsity-rows", "independent"], "--sparsity-rows"),
+        (["--sparsity-band", "0.1"], "--sparsity-band"),
+        (["--sparsity", "2:4", "--method", "surgeon", "--sparsity-band", "0.1"], "--sparsity-band"),
+        (["--sparsity", "unstructured", "--method", "wanda", "--sparsity-band", "0.1"], "--sparsity-band"),
+        (["--sparsity", "unstructured", "--method", "surgeon", "--sparsity-band", "2"], "--sparsity-band"),
         (["--sparsity", "2:4", "--method", "surgeon", "--chunk-size", "0"], "--chunk-size"),
         (["--method", "published"], "--method published"),
         (["--method", "surgeon", "--max-memory", "12 parsecs"], "max_memory"),
@@ -261,7 +265,12 @@ def test_sparsity_defaults_to_ratio_zero():
     sparse = parse(["compress", "--out", "x", "--sparsity", "unstructured", "--sparsity-ratio", "0.6"])
     check_compress_args(sparse)
     assert (sparse.ratio, sparse.sparsity_scope, sparse.chunk_size) == (0.0, "global", 1024)
-    assert sparse.sparsity_rows == "auto"
+    assert sparse.sparsity_rows == "auto" and sparse.sparsity_band is None
+    banded = parse(
+        ["compress", "--out", "x", "--sparsity", "unstructured", "--method", "surgeon", "--sparsity-band", "0.2"]
+    )
+    check_compress_args(banded)
+    assert config_fields(banded)["sparsity_band"] == 0.2
     dense = parse(["compress", "--out", "x"])
     check_compress_args(dense)
     assert (dense.ratio, dense.sparsity_scope, dense.chunk_size, dense.sparsity_rows) == (0.3, None, None, None)

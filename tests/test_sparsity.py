@@ -111,6 +111,54 @@ def test_select_smallest_is_exact_with_ties():
             assert mask[5] and costs[mask].max() <= costs[~mask].min()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_banded_allocation_is_the_cheapest_within_the_bounds(seed):
+    """Oracle: taking the cheapest next entry among layers below their upper bound, starting from the
+    lower bounds, is optimal for a separable allocation (sorted costs add up convexly). The banded
+    threshold must reach its total cost exactly, with every count inside its bounds."""
+    from surgeon_fx.passes.sparsity import _choose_banded
+
+    gen = torch.Generator().manual_seed(seed)
+    costs = [torch.rand(n, generator=gen) ** (3 * i + 1) for i, n in enumerate((40, 25, 60, 10))]  # skewed scales
+    costs[1][:4] = -math.inf  # forced: removed in an earlier shot
+    costs[2][5:8] = costs[2][9]  # ties
+    lo, hi = [12, 0, 20, 3], [25, 10, 40, 7]
+    for k in (39, 47, 64, 82):
+        counts, oracle = list(lo), 0.0
+        counts[1] = max(counts[1], 4)
+        ranked = [c.sort().values for c in costs]
+        for _ in range(k - sum(counts)):
+            i = min((j for j in range(4) if counts[j] < hi[j]), key=lambda j: ranked[j][counts[j]])
+            counts[i] += 1
+        oracle = sum(r[4 if i == 1 else 0 : n].sum() for i, (r, n) in enumerate(zip(ranked, counts)))
+        chosen = _choose_banded(costs, k, lo, hi)
+        got = [int(m.sum()) for m in chosen]
+        assert sum(got) == k and all(a <= n <= b for a, n, b in zip(lo, got, hi))
+        assert torch.all(chosen[1][:4])  # the forced entries stay chosen
+        total = sum(c[m & (c > -math.inf)].sum() for c, m in zip(costs, chosen))
+        assert math.isclose(float(total), float(oracle), rel_tol=1e-6)
+
+
+def test_sparsity_band_bounds_every_layer_and_is_checked():
+    model = tiny_model("llama")
+    kw = dict(sparsity="unstructured", sparsity_ratio=0.5, shots=2)
+    free = sf.compress(model, 0.0, calibration=CALIB, **kw, **FAST).surgeon_fx_sparsity
+    out = sf.compress(model, 0.0, calibration=CALIB, sparsity_band=0.1, **kw, **FAST)
+    rep = out.surgeon_fx_sparsity
+    assert max(abs(v - 0.5) for v in free.per_param.values()) > 0.1  # the band has something to do here
+    for p in rep.params:
+        w = out.get_parameter(p)
+        assert 0.4 - 1 / w.numel() <= rep.per_param[p] <= 0.6 + 1 / w.numel()
+    assert abs(rep.removed - 0.5 * rep.total) <= max(max(out.get_parameter(p).shape) for p in rep.params)
+    for bad, match in (
+        (dict(sparsity_band=-0.1), "sparsity_band must be"),
+        (dict(sparsity_band=0.1, sparsity_scope="layer"), "sparsity_band bounds"),
+        (dict(sparsity_band=0.1, sparsity="2:4", sparsity_ratio=None), "sparsity_band bounds"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sf.CompressConfig(0.0, **(kw | bad))
+
+
 def test_nm_eligible_any_threshold_stays_valid_and_full_threshold_is_exact():
     gen = torch.Generator().manual_seed(0)
     cost = torch.rand(5, 14, generator=gen, dtype=torch.float64)  # 14 = 3 full groups + a partial one
