@@ -255,7 +255,8 @@ def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher: nn.Module | None, hf
     Computed in chunks of positions, each under activation checkpointing: the float32
     log-probabilities (and the teacher's) exist for one chunk at a time, in the forward and again
     in the backward, instead of several copies of the whole ``[windows, length, vocabulary]``
-    logits. What autograd keeps is the logits themselves; their gradient is one tensor of their size.
+    logits. What autograd keeps is the logits themselves (and the teacher's); their gradient is one
+    tensor of their size.
     """
     flat = logits.flatten(0, 1)
     if teacher is None:  # the last position predicts nothing: ignored, so the logits need no sliced copy

@@ -141,7 +141,7 @@ def annotate_masks(
             costs ``1/2 W_rc^2 (G_rr + d) / [A^-1]_cc`` and a per-row update that uses ``A`` only,
             as SparseGPT's; see :data:`ROWS`). Pass the same value to :func:`apply_masks_`.
         band: surgeon, unstructured, ``scope="global"``: every layer's share of zeros stays within
-            ``(ratio - band, ratio + band)`` of the shot's schedule (``fraction`` times each bound,
+            ``[ratio - band, ratio + band]`` of the shot's schedule (``fraction`` times each bound,
             clipped to [0, 1]); within those bounds one cost threshold still allocates the zeros
             across layers (water-filling). ``None`` (default): no bounds, as the paper.
 

@@ -91,8 +91,9 @@ class CompressConfig:
             share of zeros stays within ``sparsity_ratio +- sparsity_band`` (scaled by each shot's
             schedule); inside those bounds one cost threshold still allocates the zeros
             (:func:`surgeon_fx.passes.sparsity.annotate_masks`'s ``band``). ``None`` (default): no
-            bounds, as the paper; the global threshold then leaves SmolLM2-135M's layers between
-            9% and 98% zeros at 50%.
+            bounds, as the paper. At 50% the global threshold left SmolLM2-135M's layers between
+            8% and 96% zeros in one CPU shot, where ``0.1`` gave 38.01 PPL against 46.04
+            (``benchmarks/results/ablation_cpu_session9/``; not yet measured on the GPU protocol).
         sparsity_rows: ``"surgeon"`` sparsity: ``"coupled"`` (the paper's ``F = G (x) A``: costs and
             the correlated update through the full output factor), ``"independent"`` (``diag(G)``:
             each row's removals are compensated under ``A`` alone; see
