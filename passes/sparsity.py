@@ -190,13 +190,13 @@ def annotate_masks(
                 cost = torch.where(pri, -torch.inf, cost.double())
             costs.append(cost.float().reshape(-1))
             quotas.append(r * nm_quota(c, *nm) if nm is not None else ratio * r * c)
-        parts = [(costs, quotas)] if scope == "global" else [([c], [q]) for c, q in zip(costs, quotas)]
         if band is not None and costs:
             sizes = [c.numel() for c in costs]
             lo = [math.ceil(max(0.0, ratio - band) * fraction * n) for n in sizes]
             hi = [math.floor(min(1.0, ratio + band) * fraction * n) for n in sizes]
             chosen = torch.cat(_choose_banded(costs, sum(quotas) * fraction, lo, hi))
         elif costs:
+            parts = [(costs, quotas)] if scope == "global" else [([c], [q]) for c, q in zip(costs, quotas)]
             chosen = torch.cat([_choose(torch.cat(cs), sum(qs) * fraction) for cs, qs in parts])
         else:
             chosen = None
@@ -329,7 +329,8 @@ def _choose_banded(costs: list[torch.Tensor], goal: float, lo: list[int], hi: li
             else:
                 first = mid + 1
         t = values[first]
-        take, more = counts(t, False), counts(t, True) - counts(t, False)
+        take = counts(t, False)
+        more = counts(t, True) - take
         for i in range(len(ranked)):  # the entries tied at t, in layer order, up to k
             add = min(k - int(take.sum()), int(more[i]))
             take[i] += add
