@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from pathlib import Path
 
 import torch
 import transformers
@@ -20,6 +21,18 @@ def versions() -> dict:
         "transformers": transformers.__version__,
         "surgeon_fx": sf.__version__,
     }
+
+
+def artefact(out: str | os.PathLike, ext: str) -> Path:
+    """``<out><ext>``: the result file of kind ``ext`` (``".json"``, ``".md"``, ``".log"``) for ``--out``.
+
+    The name is appended, not substituted: ``Path.with_suffix`` would read the ``.1_l64`` of
+    ``sparse_band0.1_l64`` as a suffix and send two runs to the same ``sparse_band0.json``. An ``--out``
+    that already ends in one of the result suffixes keeps its stem."""
+    out = Path(out)
+    if out.suffix in (".json", ".md", ".log"):
+        out = out.with_suffix("")
+    return out.with_name(out.name + ext)
 
 
 def machine(device: torch.device) -> dict:

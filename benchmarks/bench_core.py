@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from _env import artefact
 from surgeon_fx.passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_
 
 import surgeon_fx as sf
@@ -119,8 +120,8 @@ def main() -> int:
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"core_smollm2_{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(
+    artefact(stem, ".json").write_text(json.dumps(result, indent=2))
+    artefact(stem, ".md").write_text(
         f"# Compiler core on SmolLM2-135M ({args.tag})\n\nCommand: `{result['command']}`\n\n"
         f"Machine: {result['machine']}; versions: {result['versions']}\n\n```\n{text}\n```\n"
         f"Fastest of {args.repeat} runs per stage; ratio {args.ratio} (magnitude plan); "

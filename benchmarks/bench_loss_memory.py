@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _env import machine, versions
+from _env import artefact, machine, versions
 from surgeon_fx.passes import lora
 
 
@@ -118,9 +118,9 @@ def main() -> None:
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md + "\n")
+    artefact(out, ".md").write_text(md + "\n")
     record = {"command": command, "args": vars(args), "rows": rows, "versions": versions(), "machine": machine(device)}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    artefact(out, ".json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

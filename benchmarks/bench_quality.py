@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _env import ShotLog, correction_variant, machine, versions
+from _env import ShotLog, artefact, correction_variant, machine, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -345,8 +345,8 @@ def main() -> int:
 def save(out: Path, result: dict) -> None:
     """Write ``<out>.json`` and ``<out>.md`` (after every row, so a cut-short run keeps its rows)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
+    artefact(out, ".json").write_text(json.dumps(result, indent=2))
+    artefact(out, ".md").write_text(markdown(result))
 
 
 def _row(model, ev, seconds, plan=None, shot=None) -> dict:

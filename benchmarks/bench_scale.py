@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from _env import machine, versions
+from _env import artefact, machine, versions
 
 
 def add_shape_args(ap: argparse.ArgumentParser) -> None:
@@ -159,7 +159,7 @@ def run(args, device: torch.device) -> int:
 
 def save(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    artefact(out, ".json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

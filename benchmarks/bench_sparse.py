@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from _env import ShotLog, correction_variant, machine, versions
+from _env import ShotLog, artefact, correction_variant, machine, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -392,7 +392,7 @@ def main() -> int:
         "chunk_size": args.chunk_size,
     }
     out = Path(args.out)
-    old = json.loads(out.with_suffix(".json").read_text()) if args.append and out.with_suffix(".json").exists() else {}
+    old = json.loads(artefact(out, ".json").read_text()) if args.append and artefact(out, ".json").exists() else {}
     result["dense_ppl"] = None if ev is None else perplexity(model, ev, progress=False)
     if ev is not None:
         say(f"dense: ppl {result['dense_ppl']:.3f}")
@@ -409,13 +409,13 @@ def main() -> int:
         result["quality"] = {p: {**base.get(p, {}), **cells.get(p, {})} for p in {*base, *cells}}
         out.parent.mkdir(parents=True, exist_ok=True)
         text = markdown(result)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(text)
+        artefact(out, ".json").write_text(json.dumps(result, indent=2))
+        artefact(out, ".md").write_text(text)
         prior = "".join(f"{line}\n" for line in previous_log)
-        out.with_suffix(".log").write_text(prior + "\n".join([" ".join(["python", *sys.argv]), *LOG, text]) + "\n")
+        artefact(out, ".log").write_text(prior + "\n".join([" ".join(["python", *sys.argv]), *LOG, text]) + "\n")
         return text
 
-    log_path = out.with_suffix(".log")
+    log_path = artefact(out, ".log")
     previous_log = log_path.read_text().splitlines() if args.append and log_path.exists() else []
     cells = {} if args.no_quality else quality(model, calib, ev, args, on_cell=write)
     if not args.no_speed:

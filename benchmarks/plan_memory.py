@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from _env import versions
+from _env import artefact, versions
 from bench_scale import add_shape_args, llama_config
 from surgeon_fx.passes import annotate_groups
 from surgeon_fx.passes.curvature import MAX_DENSE, find_layers
@@ -64,7 +64,7 @@ def main() -> int:
         print(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    artefact(out, ".json").write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,0 +1,29 @@
+"""The benchmark scripts' own helpers (the scripts themselves run on the GPU machine)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _env():
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("_env")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_result_files_of_outs_with_dots_do_not_collide(tmp_path):
+    artefact = _env().artefact
+    outs = [tmp_path / "sparse_band0.1_l64", tmp_path / "sparse_band0.1_l128", tmp_path / "sparse_band0.05"]
+    for ext in (".json", ".md", ".log"):
+        paths = [artefact(o, ext) for o in outs]
+        assert len(set(paths)) == len(outs)
+        assert all(p.name == o.name + ext and p.parent == tmp_path for p, o in zip(paths, outs))
+    # an --out that already names a result file keeps its stem
+    assert artefact(tmp_path / "quality.json", ".md") == tmp_path / "quality.md"
+    assert artefact(tmp_path / "quality.json", ".json") == tmp_path / "quality.json"
