@@ -118,7 +118,8 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
     for pattern in args.patterns.split(","):
         for method in args.methods.split(","):
             t0 = time.perf_counter()
-            # variants: "surgeon:independent" (rows treated independently), "surgeon:layer" (same sparsity in every layer), "surgeon:d0.1" (damping), "surgeon:s8"
+            # variants: "surgeon:independent" (rows treated independently), "surgeon:layer" (same sparsity in every layer), "surgeon:bandnone" (unstructured:
+            # one global threshold, no per-layer bounds; "surgeon:band0.2" other bounds), "surgeon:d0.1" (damping), "surgeon:s8"
             # (shots), "surgeon:noupdate" (no OBS update), "surgeon:l16" (16 low-rank correction steps after every
             # shot, zeros kept; ":lr3e-4" its rate, ":r8" its rank (":rfull": masked fine-tuning), ":h8" held-out guard, ":distill" on the original's predictions, ":b8"
             # windows per step); combine them: "surgeon:layer:d0.1"
@@ -130,8 +131,8 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                     kw["update"] = "none"
                 elif o in ("layer", "global"):
                     kw["sparsity_scope"] = o
-                elif o.startswith("band"):  # each layer's sparsity within ratio +- band
-                    kw["sparsity_band"] = float(o[4:])
+                elif o.startswith("band"):  # each layer's sparsity within ratio +- band (default 0.1)
+                    kw["sparsity_band"] = None if o == "bandnone" else float(o[4:])
                 elif o in ("independent", "coupled"):  # rows of the element costs and update
                     kw["sparsity_rows"] = o
                 elif correction := correction_variant(o):  # low-rank correction steps, rate, rank

@@ -17,7 +17,16 @@ from .ir import KINDS, Plan
 from .keys import SurgeonError
 from .tracing import trace
 
-__all__ = ["CompressConfig", "compress", "prune", "check_model", "check_calibration", "METHODS", "SPARSE_METHODS"]
+__all__ = [
+    "CompressConfig",
+    "compress",
+    "prune",
+    "check_model",
+    "check_calibration",
+    "METHODS",
+    "SPARSE_METHODS",
+    "SPARSITY_BAND",
+]
 
 METHODS = ("magnitude", "surgeon", "kobd", "lobd", "published")
 """Atom scoring methods: weight magnitude (no data), the LLM Surgeon's K-FAC costs with OBS updates,
@@ -31,6 +40,8 @@ LORA_LOSSES = ("next_token", "distill")
 SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
 """Methods for ``sparsity=``: the Surgeon's element costs with correlated OBS updates, per-layer
 magnitude, Wanda (|W| * input norm per output row) and SparseGPT (layer-wise OBS, column by column)."""
+SPARSITY_BAND = 0.1
+"""The default ``sparsity_band`` of global unstructured ``"surgeon"`` sparsity (see :class:`CompressConfig`)."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +101,13 @@ class CompressConfig:
         sparsity_band: ``"surgeon"`` unstructured sparsity under ``"global"`` scope: every layer's
             share of zeros stays within ``sparsity_ratio +- sparsity_band`` (scaled by each shot's
             schedule); inside those bounds one cost threshold still allocates the zeros
-            (:func:`surgeon_fx.passes.sparsity.annotate_masks`'s ``band``). ``None`` (default): no
-            bounds, as the paper. At 50% the global threshold left SmolLM2-135M's layers between
-            8% and 96% zeros in one CPU shot, where ``0.1`` gave 38.01 PPL against 46.04
-            (``benchmarks/results/ablation_cpu_session9/``; not yet measured on the GPU protocol).
+            (:func:`surgeon_fx.passes.sparsity.annotate_masks`'s ``band``). ``None``: no bounds, one
+            global threshold as the paper. ``"auto"`` (default): :data:`SPARSITY_BAND` (0.1) where a
+            band applies (unstructured, ``"surgeon"``, ``"global"``), ``None`` elsewhere. Chosen by
+            measurement: at 50% the paper's threshold left SmolLM2-135M's layers between 8% and 96%
+            zeros; with 0.1 its WikiText-2 PPL fell 39.65 -> 36.88 on the GPU protocol (2 shots) and
+            30.75 -> 30.16 after the distilled correction (``benchmarks/results/h200_session10/``;
+            on CPU 46.04 -> 38.01, ``ablation_cpu_session9/``; 0.05 ties with 0.1 on both).
         sparsity_rows: ``"surgeon"`` sparsity: ``"coupled"`` (the paper's ``F = G (x) A``: costs and
             the correlated update through the full output factor), ``"independent"`` (``diag(G)``:
             each row's removals are compensated under ``A`` alone; see
@@ -174,7 +188,7 @@ class CompressConfig:
     chunk_size: int = 1024
     sparsity_scope: str = "global"
     sparsity_rows: str = "auto"
-    sparsity_band: float | None = None
+    sparsity_band: float | str | None = "auto"
     max_memory: int | str | None = None
     lora_steps: int = 0
     lora_rank: int | str = 8
@@ -220,11 +234,14 @@ class CompressConfig:
                 )
         if self.sparsity_scope not in ("global", "layer"):
             raise ValueError(f"sparsity_scope must be 'global' or 'layer', got {self.sparsity_scope!r}")
-        if self.sparsity_band is not None:
-            band = self.sparsity_band
+        band = self.sparsity_band
+        banded = pattern == "unstructured" and self.method == "surgeon" and self.sparsity_scope == "global"
+        if isinstance(band, str) and band == "auto":
+            object.__setattr__(self, "sparsity_band", SPARSITY_BAND if banded else None)
+        elif band is not None:
             if isinstance(band, bool) or not isinstance(band, (int, float)) or not 0 <= band <= 1:
-                raise ValueError(f"sparsity_band must be a float in [0, 1] or None, got {band!r}")
-            if pattern != "unstructured" or self.method != "surgeon" or self.sparsity_scope != "global":
+                raise ValueError(f"sparsity_band must be a float in [0, 1], None or 'auto', got {band!r}")
+            if not banded:
                 raise ValueError(
                     "sparsity_band bounds how the global surgeon spreads unstructured zeros over layers: it needs "
                     f"sparsity='unstructured', method='surgeon', sparsity_scope='global' (got {self.sparsity!r}, "

@@ -9,6 +9,8 @@ is initialised or any file is written.
 
 from __future__ import annotations
 
+import argparse
+
 __all__ = ["add_compress_parser", "check_compress_args", "config_fields", "compress_methods"]
 
 CHUNK_SIZE = 1024
@@ -35,11 +37,21 @@ def config_fields(args) -> dict:
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
-        if args.sparsity_band is not None:
-            kw["sparsity_band"] = args.sparsity_band
+        if args.sparsity_band is not None:  # "none": unbounded; not given: the config's "auto"
+            kw["sparsity_band"] = None if args.sparsity_band == "none" else args.sparsity_band
         if args.sparsity_ratio is not None:
             kw["sparsity_ratio"] = args.sparsity_ratio
     return kw
+
+
+def _band(text: str) -> float | str:
+    """``--sparsity-band``: a float, or ``none`` (no bounds)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none', got {text!r}") from None
 
 
 def check_compress_args(args) -> None:
@@ -121,7 +133,7 @@ def check_compress_args(args) -> None:
             raise ValueError(f"{option} applies to --method surgeon only (--method {args.method} ranks per layer)")
     args.sparsity_scope = args.sparsity_scope or "global"
     if args.sparsity_band is not None:
-        if not 0.0 <= args.sparsity_band <= 1.0:
+        if args.sparsity_band != "none" and not 0.0 <= args.sparsity_band <= 1.0:
             raise ValueError(f"--sparsity-band must be in [0, 1], got {args.sparsity_band}")
         if pattern != "unstructured" or args.sparsity_scope != "global":
             raise ValueError(
@@ -226,10 +238,11 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     )
     c.add_argument(
         "--sparsity-band",
-        type=float,
+        type=_band,
         default=None,
         help="with --sparsity unstructured and --method surgeon: keep every layer's share of zeros within "
-        "--sparsity-ratio +- this (default: unbounded, one global threshold as the paper)",
+        "--sparsity-ratio +- this (default 0.1, chosen by measurement; 'none': unbounded, one global threshold "
+        "as the paper)",
     )
     c.add_argument(
         "--sparsity-rows",

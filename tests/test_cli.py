@@ -271,6 +271,14 @@ def test_sparsity_defaults_to_ratio_zero():
     )
     check_compress_args(banded)
     assert config_fields(banded)["sparsity_band"] == 0.2
+    # not given: the config's default (0.1 for the global surgeon); "none": unbounded, as the paper
+    assert CompressConfig(**(config_fields(sparse) | {"method": "surgeon"})).sparsity_band == 0.1
+    unbounded = parse(
+        ["compress", "--out", "x", "--sparsity", "unstructured", "--method", "surgeon", "--sparsity-band", "none"]
+    )
+    check_compress_args(unbounded)
+    fields = config_fields(unbounded)
+    assert "sparsity_band" in fields and CompressConfig(**(fields | {"method": "surgeon"})).sparsity_band is None
     dense = parse(["compress", "--out", "x"])
     check_compress_args(dense)
     assert (dense.ratio, dense.sparsity_scope, dense.chunk_size, dense.sparsity_rows) == (0.3, None, None, None)

@@ -142,8 +142,8 @@ def test_banded_allocation_is_the_cheapest_within_the_bounds(seed):
 def test_sparsity_band_bounds_every_layer_and_is_checked():
     model = tiny_model("llama")
     kw = dict(sparsity="unstructured", sparsity_ratio=0.5, shots=2)
-    free = sf.compress(model, 0.0, calibration=CALIB, **kw, **FAST).surgeon_fx_sparsity
-    out = sf.compress(model, 0.0, calibration=CALIB, sparsity_band=0.1, **kw, **FAST)
+    free = sf.compress(model, 0.0, calibration=CALIB, sparsity_band=None, **kw, **FAST).surgeon_fx_sparsity
+    out = sf.compress(model, 0.0, calibration=CALIB, **kw, **FAST)  # the default: band 0.1
     rep = out.surgeon_fx_sparsity
     assert max(abs(v - 0.5) for v in free.per_param.values()) > 0.1  # the band has something to do here
     for p in rep.params:
@@ -154,9 +154,19 @@ def test_sparsity_band_bounds_every_layer_and_is_checked():
         (dict(sparsity_band=-0.1), "sparsity_band must be"),
         (dict(sparsity_band=0.1, sparsity_scope="layer"), "sparsity_band bounds"),
         (dict(sparsity_band=0.1, sparsity="2:4", sparsity_ratio=None), "sparsity_band bounds"),
+        (dict(sparsity_band="wide"), "sparsity_band must be"),
     ):
         with pytest.raises(ValueError, match=match):
-            sf.CompressConfig(0.0, **(kw | bad))
+            sf.CompressConfig(0.0, method="surgeon", **(kw | bad))
+    # "auto" (the default) is 0.1 where a band applies and no band elsewhere; None stays unbounded
+    band = lambda **kw: sf.CompressConfig(0.0, **kw).sparsity_band  # noqa: E731
+    assert band(method="surgeon", sparsity="unstructured") == sf.api.SPARSITY_BAND == 0.1
+    assert band(method="surgeon", sparsity="unstructured", sparsity_band="auto") == 0.1
+    assert band(method="surgeon", sparsity="unstructured", sparsity_band=None) is None
+    assert band(method="surgeon", sparsity="unstructured", sparsity_scope="layer") is None
+    assert band(method="surgeon", sparsity="2:4") is None
+    assert band(method="wanda", sparsity="unstructured") is None
+    assert band(method="surgeon") is None
 
 
 def test_nm_eligible_any_threshold_stays_valid_and_full_threshold_is_exact():
