@@ -120,6 +120,7 @@ def method_problem(method: str) -> str | None:
         "mixed",
         "distill",
         "rfull",
+        "uniform",
     }
     for o in opts:
         head = o[:2] if o[:2] in ("lr", "lb") else o[:1]
@@ -282,7 +283,7 @@ def main() -> int:
             # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32",
             # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":rfull" the weights
             # themselves, ":lr1e-3" its rate, ":lb8" windows per step, ":h8" windows held out as its guard,
-            # ":distill" trained on the original model's predictions)
+            # ":distill" trained on the original model's predictions), "surgeon:uniform" (same widths in every layer)
             base, *opts = method.split(":")
             extra = {
                 "update": "none" if "noupdate" in opts else args.update,
@@ -299,6 +300,8 @@ def main() -> int:
                     extra["damping"] = float(o[1:])
                 elif o == "true":
                     extra["fisher"] = "true"
+                elif o == "uniform":  # the same widths in every layer
+                    extra["uniform"] = True
                 elif o in ("none", "columns", "rows", "both"):
                     extra["update"] = o
                 elif o.startswith("s"):  # shots per 10%
@@ -358,6 +361,8 @@ def _row(model, ev, seconds, plan=None, shot=None) -> dict:
         "params": plan.params_after,
         "seconds": seconds,
         "shot": shot,
+        # where the removals went: [out, in] of every linear layer (kept heads, units, residual width)
+        "linear_shapes": {n: list(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)},
     }
 
 
