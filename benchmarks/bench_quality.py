@@ -119,6 +119,7 @@ def method_problem(method: str) -> str | None:
         "fp32",
         "mixed",
         "distill",
+        "norms",
         "rfull",
         "uniform",
     }
@@ -283,7 +284,8 @@ def main() -> int:
             # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32",
             # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":rfull" the weights
             # themselves, ":lr1e-3" its rate, ":lb8" windows per step, ":h8" windows held out as its guard,
-            # ":distill" trained on the original model's predictions), "surgeon:uniform" (same widths in every layer)
+            # ":distill" trained on the original model's predictions, ":norms" the 1-D parameters trained too),
+            # "surgeon:uniform" (same widths in every layer)
             base, *opts = method.split(":")
             extra = {
                 "update": "none" if "noupdate" in opts else args.update,

@@ -11,10 +11,11 @@ instead of the next-token loss (distillation).
 
 Reads: a graph called as ``gm(input_ids) -> logits`` and calibration windows. Writes: the decoder
 linear weights of ``gm`` in place (the layers of :func:`~surgeon_fx.passes.sparsity.sparse_layers`:
-never embeddings, the LM head, norms or biases; shapes never change; with ``keep_zeros`` their zero
-entries stay zero, so a sparse pattern survives). Nothing else in the graph
-changes, so the pass composes with the others between shots. Invariant: with a fixed ``seed`` the
-window order and the adapters' initialisation are fixed (same seed, same result on one device).
+never embeddings or the LM head; norm scales and biases, every 1-D parameter, only with ``norms=True``;
+shapes never change; with ``keep_zeros`` their zero entries stay zero, so a sparse pattern survives).
+Nothing else in the graph changes, so the pass composes with the others between shots. Invariant:
+with a fixed ``seed`` the window order and the adapters' initialisation are fixed (same seed, same
+result on one device).
 
 The adapters are trained through :func:`torch.func.functional_call` on the graph itself, with the
 weights replaced by ``W + B A``: it works on any traced graph, including after structures were
@@ -82,6 +83,7 @@ def apply_low_rank_correction_(
     teacher: nn.Module | None = None,
     holdout: torch.Tensor | None = None,
     holdout_checks: int = 4,
+    norms: bool = False,
     progress: bool = True,
 ) -> Correction:
     """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
@@ -126,6 +128,11 @@ def apply_low_rank_correction_(
         holdout_checks: how many times training is checked against ``holdout`` (>= 1; 1: only
             after the last step). Each check keeps a copy of the trained update (for a rank ``r``
             update, ``r`` rows and columns per weight; for ``"full"``, one more copy of the weights).
+        norms: also train every floating-point 1-D parameter of the graph (norm scales, biases) in
+            full, not low rank: each gets a float32 update of its shape, starting at zero, trained
+            by the same Adam (same ``lr``) alongside the adapters, masked under ``keep_zeros``,
+            part of what ``holdout`` keeps and merged (``p += update``) exactly when the weights'
+            update is. ``False`` (default): they are never written.
         progress: a progress bar over the steps.
 
     Returns:
@@ -158,6 +165,8 @@ def apply_low_rank_correction_(
         _check_windows(holdout)
     if isinstance(holdout_checks, bool) or not isinstance(holdout_checks, int) or holdout_checks < 1:
         raise ValueError(f"holdout_checks must be an int >= 1, got {holdout_checks!r}")
+    if not isinstance(norms, bool):
+        raise ValueError(f"norms must be True or False (train the 1-D parameters too), got {norms!r}")
     if steps == 0:
         return Correction()
     if rank_and_world()[1] > 1:
@@ -178,11 +187,19 @@ def apply_low_rank_correction_(
         a = (torch.rand(rank, cols, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(cols)
         b = torch.zeros(rows, rank, dtype=torch.float32)
         adapters[n] = (a.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
-    keep = {n: w.detach() != 0 for n, w in weights.items()} if keep_zeros else {}
+    # norms: every 1-D parameter (norm scales, biases) is trained whole, an update of its shape from 0
+    vectors = {n: p for n, p in sorted(gm.named_parameters()) if norms and p.ndim == 1 and p.is_floating_point()}
+    shifts = {n: torch.zeros_like(p, dtype=torch.float32).requires_grad_(True) for n, p in vectors.items()}
+    trained = adapters | {n: (t,) for n, t in shifts.items()}  # what Adam trains and holdout keeps
+    keep = {n: w.detach() != 0 for n, w in (weights | vectors).items()} if keep_zeros else {}
 
     def delta(n: str) -> torch.Tensor:
         ab = adapters[n]
         d = (ab[0] if len(ab) == 1 else ab[1] @ ab[0]).to(weights[n].dtype)
+        return d * keep[n] if keep_zeros else d
+
+    def shift(n: str) -> torch.Tensor:
+        d = shifts[n].to(vectors[n].dtype)
         return d * keep[n] if keep_zeros else d
 
     frozen = {k: p.detach() for k, p in gm.named_parameters()}  # no gradients for the weights themselves
@@ -190,6 +207,7 @@ def apply_low_rank_correction_(
     def forward_loss(ids: torch.Tensor) -> torch.Tensor:
         params = dict(frozen)
         params.update({n: w.detach() + delta(n) for n, w in weights.items()})
+        params.update({n: p.detach() + shift(n) for n, p in vectors.items()})
         with sweep_precision(precision, device):
             return _loss(torch.func.functional_call(run, params, (ids,), strict=False), ids, teacher, hf)
 
@@ -204,7 +222,7 @@ def apply_low_rank_correction_(
         result.holdout_before = best = holdout_loss()  # B = 0 (or D = 0): the weights as they are
         best_step = 0
         every = -(-steps // holdout_checks)
-    opt = torch.optim.Adam([t for ab in adapters.values() for t in ab], lr=lr)
+    opt = torch.optim.Adam([t for ab in trained.values() for t in ab], lr=lr)
     order: list[int] = []
     for step in tqdm(range(steps), desc="low-rank correction", disable=not progress, leave=False):
         if len(order) < batch_size:
@@ -229,12 +247,12 @@ def apply_low_rank_correction_(
             if now < best:  # keep this update: the best held-out loss so far
                 best, best_step = now, done
                 if done < steps:  # the last step's update needs no copy: the adapters hold it
-                    saved = {n: tuple(t.detach().clone() for t in ab) for n, ab in adapters.items()}
+                    saved = {n: tuple(t.detach().clone() for t in ab) for n, ab in trained.items()}
     if holdout is not None:
         result.holdout_after = best
         if best_step and best_step < steps:  # an earlier check won: its update is the one merged
             with torch.no_grad():
-                for n, ab in adapters.items():
+                for n, ab in trained.items():
                     for t, kept in zip(ab, saved[n]):
                         t.copy_(kept)
     result.kept_step = best_step
@@ -242,6 +260,8 @@ def apply_low_rank_correction_(
         with torch.no_grad():
             for n, w in weights.items():
                 w.add_(delta(n))
+            for n, p in vectors.items():
+                p.add_(shift(n))
     return result
 
 

@@ -139,6 +139,13 @@ class CompressConfig:
             (the curvature sweeps still use them) for early stopping: their loss is checked four
             times during each shot's steps and the update with the lowest one is merged, none if
             no update lowers it; the log line shows which (0, default: no guard).
+        lora_norms: that correction also trains every 1-D parameter (the norms' scales, biases) in
+            full, not low rank, alongside the adapters, with the same Adam and rate; merged with
+            them, its zeros kept after sparsity shots (``False``, default: only the decoder linear
+            weights change; :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``norms``).
+            No gain on the H200 protocols (``benchmarks/results/h200_session11/``): unstructured 50%
+            30.20 against 30.16, 2:4 51.66 against 49.74, structured 90-50% 25.00 / 29.66 / 36.57 /
+            48.95 / 73.18 against 24.80 / 29.31 / 36.23 / 48.71 / 71.71.
         lora_rank, lora_lr: rank and Adam learning rate of that correction. SmolLM2-135M, 40 shots
             to 50% on an H200 (``benchmarks/results/h200_session6/``): 16 steps of 8 windows per
             shot at ``3e-4`` lowered the perplexity at 90/80/70/60/50% from 26.4/33.0/45.0/63.8/103.3
@@ -196,6 +203,7 @@ class CompressConfig:
     lora_loss: str = "next_token"
     lora_batch_size: int | None = None
     lora_holdout: int = 0
+    lora_norms: bool = False
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -309,6 +317,10 @@ class CompressConfig:
         hold = self.lora_holdout
         if isinstance(hold, bool) or not isinstance(hold, int) or hold < 0:
             raise ValueError(f"lora_holdout must be an int >= 0 (held-out calibration windows), got {hold!r}")
+        if not isinstance(self.lora_norms, bool):
+            raise ValueError(
+                f"lora_norms must be True or False (train the 1-D parameters too), got {self.lora_norms!r}"
+            )
         if self.lora_loss not in LORA_LOSSES:
             raise ValueError(f"lora_loss must be one of {LORA_LOSSES}, got {self.lora_loss!r}")
         if self.lora_steps and self.method == "published":

@@ -34,6 +34,7 @@ def config_fields(args) -> dict:
         kw["max_memory"] = args.max_memory
     kw |= {"lora_steps": args.lora_steps, "lora_rank": args.lora_rank, "lora_lr": args.lora_lr}
     kw |= {"lora_loss": args.lora_loss, "lora_batch_size": args.lora_batch_size, "lora_holdout": args.lora_holdout}
+    kw["lora_norms"] = args.lora_norms
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -327,6 +328,12 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         choices=LORA_LOSSES,
         help="what it trains on: the calibration text's next tokens (default) or the original model's "
         "predictions on it (distill; one more model copy in memory)",
+    )
+    c.add_argument(
+        "--lora-norms",
+        action="store_true",
+        help="that correction also trains the 1-D parameters (norm scales, biases) in full, not low rank, "
+        "alongside the adapters, merged with them (default: only the decoder linear weights change)",
     )
     c.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window (default 2048)")

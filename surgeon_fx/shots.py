@@ -209,8 +209,8 @@ def low_rank_correction_(
 ):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
     (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss == "distill"``, the last
-    ``cfg.lora_holdout`` windows held out as its guard; logs its training loss over the first and
-    the last steps (and the held-out loss)."""
+    ``cfg.lora_holdout`` windows held out as its guard, the 1-D parameters trained too under
+    ``cfg.lora_norms``; logs its training loss over the first and the last steps (and the held-out loss)."""
     if cfg.lora_loss == "distill" and teacher is None:
         raise ValueError("lora_loss='distill' needs the original model as teacher (compress passes it)")
     from .passes.lora import apply_low_rank_correction_
@@ -230,6 +230,7 @@ def low_rank_correction_(
         precision=cfg.precision,
         teacher=teacher if cfg.lora_loss == "distill" else None,
         holdout=holdout,
+        norms=cfg.lora_norms,
         progress=progress,
     )
     losses = done.losses
@@ -401,6 +402,7 @@ RUN_KEYS = (
     "lora_loss",
     "lora_batch_size",
     "lora_holdout",
+    "lora_norms",
 )
 """The options a structured checkpoint must share with the run that resumes it."""
 

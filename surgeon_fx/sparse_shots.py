@@ -98,6 +98,7 @@ def _state_of(cfg) -> dict:
         "lora_loss",
         "lora_batch_size",
         "lora_holdout",
+        "lora_norms",
     )
     return {k: getattr(cfg, k) for k in keys}
 

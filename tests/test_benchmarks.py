@@ -27,3 +27,29 @@ def test_result_files_of_outs_with_dots_do_not_collide(tmp_path):
     # an --out that already names a result file keeps its stem
     assert artefact(tmp_path / "quality.json", ".md") == tmp_path / "quality.md"
     assert artefact(tmp_path / "quality.json", ".json") == tmp_path / "quality.json"
+
+
+def test_correction_variants_map_to_compress_options():
+    """Every correction option of a method variant reaches ``compress`` under its own name, and every
+    option it returns is a real ``CompressConfig`` field."""
+    import dataclasses
+
+    from surgeon_fx.api import CompressConfig
+
+    variant = _env().correction_variant
+    cases = {
+        "l16": {"lora_steps": 16},
+        "r32": {"lora_rank": 32},
+        "rfull": {"lora_rank": "full"},
+        "lr1e-3": {"lora_lr": 1e-3},
+        "lb8": {"lora_batch_size": 8},
+        "h8": {"lora_holdout": 8},
+        "distill": {"lora_loss": "distill"},
+        "norms": {"lora_norms": True},
+        "s8": {},
+        "band0.1": {},
+    }
+    fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    for option, want in cases.items():
+        assert variant(option) == want, option
+        assert set(want) <= fields, option

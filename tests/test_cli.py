@@ -295,7 +295,7 @@ def test_sparsity_defaults_to_ratio_zero():
 
 
 def test_correction_options_reach_the_config():
-    """--lora-* options land in CompressConfig; defaults: no correction, next-token loss."""
+    """--lora-* options land in CompressConfig; defaults: no correction, next-token loss, 1-D parameters untouched."""
     parse = build_parser().parse_args
     plain = parse(["compress", "--out", "x"])
     check_compress_args(plain)
@@ -307,13 +307,12 @@ def test_correction_options_reach_the_config():
     cfg = CompressConfig(**config_fields(args))
     assert (cfg.lora_steps, cfg.lora_rank, cfg.lora_lr, cfg.lora_loss) == (4, 2, 1e-3, "distill")
     assert (plain.lora_batch_size, cfg.lora_batch_size) == (1, 1)  # default: --batch-size
-    full = parse(
-        [*argv[:5], "--lora-rank", "full", "--batch-size", "2", "--lora-batch-size", "8", "--lora-holdout", "4"]
-    )
+    extra = ["--lora-batch-size", "8", "--lora-holdout", "4", "--lora-norms"]
+    full = parse([*argv[:5], "--lora-rank", "full", "--batch-size", "2", *extra])
     check_compress_args(full)
     full = CompressConfig(**config_fields(full))
     assert (full.lora_rank, full.batch_size, full.lora_batch_size, full.lora_holdout) == ("full", 2, 8, 4)
-    assert plain.lora_holdout == 0
+    assert (plain.lora_holdout, plain.lora_norms, cfg.lora_norms, full.lora_norms) == (0, False, False, True)
     for bad in ("0", "half"):
         with pytest.raises(SystemExit):
             parse([*argv[:5], "--lora-rank", bad])
