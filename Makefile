@@ -12,7 +12,7 @@ demo: setup
 	$(PY) -m surgeon_fx.cli demo $(WIKI_FLAG)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
