@@ -164,6 +164,20 @@ def test_surgeon_compress_runs_multi_shot_and_resumes(tmp_path):
         sf.compress(m, 0.4, calibration=calib, shots=2, damping=0.1, checkpoint_dir=str(ck), progress=False)
 
 
+def test_checkpoints_without_later_options_resume_as_their_defaults(tmp_path):
+    """A checkpoint written before an option existed (its key missing) matches a run that keeps the
+    option at the value that reproduces the old behaviour, and is refused otherwise."""
+    from surgeon_fx.shots import ADDED_LATER, refuse_other_run
+
+    assert ADDED_LATER == {"lora_holdout": 0, "lora_norms": False}
+    old = {"ratio": 0.3, "lora_steps": 4}  # saved before lora_holdout / lora_norms were recorded
+    refuse_other_run("checkpoint", tmp_path, old, {**old, "lora_holdout": 0, "lora_norms": False})
+    with pytest.raises(ValueError, match=r"differs in \['lora_norms'\].*'lora_norms': False.*'lora_norms': True"):
+        refuse_other_run("checkpoint", tmp_path, old, {**old, "lora_holdout": 0, "lora_norms": True})
+    with pytest.raises(ValueError, match=r"differs in \['damping'\]"):  # other options still must be there
+        refuse_other_run("checkpoint", tmp_path, old, {**old, "damping": 0.01})
+
+
 def test_calibration_errors_are_clear():
     m = tiny_model("llama")
     with pytest.raises(ValueError, match="needs calibration"):
