@@ -47,10 +47,13 @@ def correction_variant(option: str) -> dict:
     """``compress`` options of a method variant that sets the low-rank correction: ``"l16"`` (steps
     after every shot), ``"lr3e-4"`` (its learning rate), ``"r8"`` (its rank; ``"rfull"``: the weights
     themselves), ``"lb8"`` (windows per step, accumulated over passes of the batch size), ``"h8"``
-    (windows held out as its guard), ``"distill"`` (trained on the original model's predictions), ``"norms"``
+    (windows held out as its guard), ``"distill"`` (trained on the original model's predictions; ``"distillnt"``: on the mean of that
+    loss and the next-token loss), ``"norms"``
     (the 1-D parameters, norm scales and biases, trained too); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
+    if option == "distillnt":
+        return {"lora_loss": "distill+next_token"}
     if option == "norms":
         return {"lora_norms": True}
     if option == "rfull":

@@ -119,6 +119,7 @@ def method_problem(method: str) -> str | None:
         "fp32",
         "mixed",
         "distill",
+        "distillnt",
         "norms",
         "rfull",
         "uniform",

@@ -7,7 +7,7 @@ from the pruned model), trained by Adam on the next-token loss of the calibratio
 merged, ``W <- W + B A``. The second-order machinery prices removals one shot at a time under a
 local quadratic model; these steps let the model move to the loss it actually has afterwards.
 With a ``teacher`` (the unpruned model) the steps minimise the KL divergence from its predictions
-instead of the next-token loss (distillation).
+instead of the next-token loss (distillation), or a weighted sum of the two (``next_token_weight``).
 
 Reads: a graph called as ``gm(input_ids) -> logits`` and calibration windows. Writes: the decoder
 linear weights of ``gm`` in place (the layers of :func:`~surgeon_fx.passes.sparsity.sparse_layers`:
@@ -84,6 +84,7 @@ def apply_low_rank_correction_(
     holdout: torch.Tensor | None = None,
     holdout_checks: int = 4,
     norms: bool = False,
+    next_token_weight: float = 0.0,
     progress: bool = True,
 ) -> Correction:
     """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
@@ -133,6 +134,10 @@ def apply_low_rank_correction_(
             by the same Adam (same ``lr``) alongside the adapters, masked under ``keep_zeros``,
             part of what ``holdout`` keeps and merged (``p += update``) exactly when the weights'
             update is. ``False`` (default): they are never written.
+        next_token_weight: with a ``teacher``, the share ``w`` of the next-token cross-entropy in
+            the loss: ``(1 - w) KL(p_teacher || p) + w CE`` (each the mean over its positions). 0
+            (default): pure distillation; 1: the next-token loss alone (the teacher unused). Needs a
+            teacher when not 0.
         progress: a progress bar over the steps.
 
     Returns:
@@ -167,6 +172,10 @@ def apply_low_rank_correction_(
         raise ValueError(f"holdout_checks must be an int >= 1, got {holdout_checks!r}")
     if not isinstance(norms, bool):
         raise ValueError(f"norms must be True or False (train the 1-D parameters too), got {norms!r}")
+    if isinstance(next_token_weight, bool) or not 0 <= next_token_weight <= 1:
+        raise ValueError(f"next_token_weight must be a number in [0, 1], got {next_token_weight!r}")
+    if next_token_weight and teacher is None:
+        raise ValueError("next_token_weight mixes the next-token loss into distillation: it needs a teacher")
     if steps == 0:
         return Correction()
     if rank_and_world()[1] > 1:
@@ -209,7 +218,8 @@ def apply_low_rank_correction_(
         params.update({n: w.detach() + delta(n) for n, w in weights.items()})
         params.update({n: p.detach() + shift(n) for n, p in vectors.items()})
         with sweep_precision(precision, device):
-            return _loss(torch.func.functional_call(run, params, (ids,), strict=False), ids, teacher, hf)
+            logits = torch.func.functional_call(run, params, (ids,), strict=False)
+            return _loss(logits, ids, teacher, hf, next_token_weight)
 
     def holdout_loss() -> float:  # the mean over every held-out window, in passes of ``micro`` windows
         with torch.no_grad():
@@ -268,9 +278,11 @@ def apply_low_rank_correction_(
 _CHUNK_ENTRIES = 1 << 26  # logits entries per chunk of the loss: 256 MB of float32 intermediates
 
 
-def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher: nn.Module | None, hf: bool) -> torch.Tensor:
+def _loss(
+    logits: torch.Tensor, ids: torch.Tensor, teacher: nn.Module | None, hf: bool, next_token_weight: float = 0.0
+) -> torch.Tensor:
     """Mean next-token cross-entropy of ``ids``, or with a ``teacher`` the mean over every position
-    of ``KL(p_teacher || p)``.
+    of ``KL(p_teacher || p)``, or ``(1 - w) KL + w CE`` with ``next_token_weight`` ``w``.
 
     Computed in chunks of positions, each under activation checkpointing: the float32
     log-probabilities (and the teacher's) exist for one chunk at a time, in the forward and again
@@ -279,19 +291,27 @@ def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher: nn.Module | None, hf
     tensor of their size.
     """
     flat = logits.flatten(0, 1)
-    if teacher is None:  # the last position predicts nothing: ignored, so the logits need no sliced copy
-        other = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
-        piece, count = _cross_entropy_sum, ids.shape[0] * (ids.shape[1] - 1)
-    else:
+    total = flat.new_zeros((), dtype=torch.float32)
+    if teacher is None or next_token_weight:  # the last position predicts nothing: ignored, no sliced copy
+        targets = F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
+        count = ids.shape[0] * (ids.shape[1] - 1)
+        share = 1.0 if teacher is None else next_token_weight
+        total = total + share * _chunked_sum(_cross_entropy_sum, flat, targets) / count
+    if teacher is not None and next_token_weight < 1:
         with torch.no_grad():
             other = _logits(teacher, ids, hf).flatten(0, 1)
-        piece, count = _kl_sum, flat.shape[0]
+        total = total + (1 - next_token_weight) * _chunked_sum(_kl_sum, flat, other) / flat.shape[0]
+    return total
+
+
+def _chunked_sum(piece, flat: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``piece(flat, other)`` summed over chunks of rows, each checkpointed when a gradient is wanted."""
     rows = max(1, _CHUNK_ENTRIES // flat.shape[-1])
     save = torch.is_grad_enabled() and flat.requires_grad
     total = flat.new_zeros((), dtype=torch.float32)
     for x, y in zip(flat.split(rows), other.split(rows)):
         total = total + (checkpoint(piece, x, y, use_reentrant=False) if save else piece(x, y))
-    return total / count
+    return total
 
 
 def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ matrix scored and updated on their own, masked to zero, not coupled, no tensor s
 :mod:`surgeon_fx.published`), the reference the coupled ``"surgeon"`` is measured against."""
 CURVATURE_METHODS = ("surgeon", "kobd", "lobd", "published")
 PRECISIONS = ("fp32", "tf32", "mixed")
-LORA_LOSSES = ("next_token", "distill")
+LORA_LOSSES = ("next_token", "distill", "distill+next_token")
 SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
 """Methods for ``sparsity=``: the Surgeon's element costs with correlated OBS updates, per-layer
 magnitude, Wanda (|W| * input norm per output row) and SparseGPT (layer-wise OBS, column by column)."""
@@ -168,7 +168,9 @@ class CompressConfig:
             ``benchmarks/results/ablation_cpu_session8/``). On the H200 (SmolLM2-135M, 2 sparse
             shots, 64 steps of 8 windows, rank 32, lr 1e-3) it gave the best sparse results measured,
             30.75 unstructured 50% and 51.07 in 2:4, where ``"next_token"`` overfit (60.96 in 2:4;
-            ``benchmarks/results/h200_session9/``).
+            ``benchmarks/results/h200_session9/``). ``"distill+next_token"``: the mean of the two
+            losses, with the same teacher (``next_token_weight=0.5`` of
+            :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`).
     """
 
     ratio: float
@@ -493,7 +495,7 @@ def compress(
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     teacher = None
-    if cfg.lora_steps and cfg.lora_loss == "distill":  # the original's predictions, frozen before any shot
+    if cfg.lora_steps and cfg.lora_loss != "next_token":  # the original's predictions, frozen before any shot
         teacher = trace(copy.deepcopy(model).eval().requires_grad_(False))  # a graph: "mixed" rewrites it too
     work = (model if inplace else copy.deepcopy(model)).eval()
     if cfg.sparsity is not None:

@@ -326,8 +326,9 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         "--lora-loss",
         default="next_token",
         choices=LORA_LOSSES,
-        help="what it trains on: the calibration text's next tokens (default) or the original model's "
-        "predictions on it (distill; one more model copy in memory)",
+        help="what it trains on: the calibration text's next tokens (default), the original model's "
+        "predictions on it (distill; one more model copy in memory) or the mean of the two losses "
+        "(distill+next_token)",
     )
     c.add_argument(
         "--lora-norms",

@@ -82,7 +82,7 @@ def run_shots(
         cfg: a :class:`~surgeon_fx.api.CompressConfig`.
         progress: progress bars (shots and curvature sweeps).
         on_shot: optional callback ``on_shot(shot, model, plan)`` after every shot (e.g. evaluation).
-        teacher: the frozen original model, for ``cfg.lora_loss == "distill"``.
+        teacher: the frozen original model, for ``cfg.lora_loss`` other than ``"next_token"``.
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
     from .passes.norms import rescale_norms_
@@ -208,11 +208,12 @@ def low_rank_correction_(
     gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True, teacher=None
 ):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
-    (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss == "distill"``, the last
+    (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss`` "distill" (half and half with the
+    next-token loss under "distill+next_token"), the last
     ``cfg.lora_holdout`` windows held out as its guard, the 1-D parameters trained too under
     ``cfg.lora_norms``; logs its training loss over the first and the last steps (and the held-out loss)."""
-    if cfg.lora_loss == "distill" and teacher is None:
-        raise ValueError("lora_loss='distill' needs the original model as teacher (compress passes it)")
+    if cfg.lora_loss != "next_token" and teacher is None:
+        raise ValueError(f"lora_loss={cfg.lora_loss!r} needs the original model as teacher (compress passes it)")
     from .passes.lora import apply_low_rank_correction_
 
     held = cfg.lora_holdout
@@ -228,7 +229,8 @@ def low_rank_correction_(
         seed=cfg.seed + shot,
         keep_zeros=keep_zeros,
         precision=cfg.precision,
-        teacher=teacher if cfg.lora_loss == "distill" else None,
+        teacher=teacher if cfg.lora_loss != "next_token" else None,
+        next_token_weight=0.5 if cfg.lora_loss == "distill+next_token" else 0.0,
         holdout=holdout,
         norms=cfg.lora_norms,
         progress=progress,

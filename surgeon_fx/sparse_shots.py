@@ -167,7 +167,7 @@ def run_sparsity_shots(
         checkpoint_dir: save the weights and masks after every shot there, and resume from the last
             shot saved (the result equals an uninterrupted run's). A checkpoint of another
             sparsity, method, shot count, target, rows, scope, damping, Fisher or correction is refused.
-        teacher: the frozen original model, for ``cfg.lora_loss == "distill"``.
+        teacher: the frozen original model, for ``cfg.lora_loss`` other than ``"next_token"``.
 
     Returns:
         ``(report, gm)``: the :class:`SparsityReport` and the traced graph, whose parameters are

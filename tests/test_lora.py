@@ -423,9 +423,11 @@ def test_compress_lora_norms_reaches_the_correction(monkeypatch):
         assert torch.equal(v, orig[k]), k
 
 
-def test_distilled_compress_learns_from_the_untouched_original(monkeypatch):
-    """lora_loss="distill": every shot's correction gets the same teacher, equal to the caller's model
-    before compress, even after structures were removed and with inplace=True."""
+@pytest.mark.parametrize("loss,weight", [("distill", 0.0), ("distill+next_token", 0.5)])
+def test_distilled_compress_learns_from_the_untouched_original(monkeypatch, loss, weight):
+    """lora_loss="distill" (or "distill+next_token", half of it the next-token loss): every shot's
+    correction gets the same teacher, equal to the caller's model before compress, even after
+    structures were removed and with inplace=True."""
     import surgeon_fx.passes.lora as lora
 
     model = tiny_model("llama")
@@ -435,15 +437,69 @@ def test_distilled_compress_learns_from_the_untouched_original(monkeypatch):
 
     def spy(gm, windows, **kw):
         seen.append(kw["teacher"])
+        assert kw["next_token_weight"] == weight
         teacher = {k.removeprefix("inner."): v for k, v in kw["teacher"].state_dict().items()}
         assert teacher.keys() == orig.keys() and all(torch.equal(v, orig[k]) for k, v in teacher.items())
         return real(gm, windows, **kw)
 
     monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
-    kw = dict(calibration=CALIB, method="surgeon", shots=2, lora_steps=2, lora_loss="distill", progress=False)
+    kw = dict(calibration=CALIB, method="surgeon", shots=2, lora_steps=2, lora_loss=loss, progress=False)
     sf.compress(model, 0.2, inplace=True, **kw)
     assert len(seen) == 2 and seen[0] is seen[1]
     assert sum(p.numel() for p in model.parameters()) < sum(v.numel() for v in orig.values())
+
+
+def test_mixed_loss_is_the_weighted_sum_of_both():
+    """next_token_weight w: the loss (value and gradient) is (1 - w) KL + w CE, each from its direct
+    formula; at w = 1 it is the next-token loss alone and the teacher is never run."""
+    from surgeon_fx.passes import lora
+
+    torch.manual_seed(1)
+    windows, length, vocab = 2, 6, 40
+    ids_ = torch.randint(vocab, (windows, length))
+    teacher_logits = torch.randn(windows, length, vocab)
+    teacher = type("T", (torch.nn.Module,), {"forward": lambda self, x: teacher_logits})()
+    logits = torch.randn(windows, length, vocab).requires_grad_(True)
+    kl = F.kl_div(F.log_softmax(logits, -1), F.softmax(teacher_logits, -1), reduction="sum") / (windows * length)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids_[:, 1:].flatten())
+    for w in (0.25, 0.5):
+        want = (1 - w) * kl + w * ce
+        got = lora._loss(logits, ids_, teacher, False, w)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(
+            torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits, retain_graph=True)[0]
+        )
+
+    def never(self, x):
+        raise AssertionError("the teacher ran at next_token_weight=1")
+
+    unused = type("U", (torch.nn.Module,), {"forward": never})()
+    torch.testing.assert_close(lora._loss(logits, ids_, unused, False, 1.0), ce)
+
+
+def test_next_token_weight_one_trains_as_without_a_teacher():
+    """The pass with a teacher at next_token_weight=1 trains exactly as with no teacher; at 0.5 against
+    the model itself (KL 0 at the start) the first loss is half the next-token loss; bad weights are refused."""
+    kw = dict(steps=3, rank=3, lr=3e-3, batch_size=2, seed=5, progress=False)
+    runs = []
+    for extra in ({}, dict(teacher=tiny_model("llama", seed=11).eval(), next_token_weight=1.0)):
+        model = tiny_model("llama")
+        gm = sf.trace(model)
+        annotate_groups(gm)
+        runs.append((apply_low_rank_correction_(gm, CALIB, **kw, **extra).losses, model.state_dict()))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][k], v)
+    gm = sf.trace(tiny_model("llama"))
+    annotate_groups(gm)
+    half = apply_low_rank_correction_(
+        gm, CALIB, **(kw | dict(steps=1)), teacher=tiny_model("llama").eval(), next_token_weight=0.5
+    )
+    assert half.losses[0] == pytest.approx(0.5 * runs[0][0][0], rel=1e-5)
+    with pytest.raises(ValueError, match="next_token_weight"):
+        apply_low_rank_correction_(gm, CALIB, steps=1, teacher=tiny_model("llama"), next_token_weight=1.5)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        apply_low_rank_correction_(gm, CALIB, steps=1, next_token_weight=0.5)
 
 
 @pytest.mark.parametrize(
