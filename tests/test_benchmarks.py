@@ -45,6 +45,7 @@ def test_correction_variants_map_to_compress_options():
         "lb8": {"lora_batch_size": 8},
         "h8": {"lora_holdout": 8},
         "distill": {"lora_loss": "distill"},
+        "distillnt": {"lora_loss": "distill+next_token"},
         "norms": {"lora_norms": True},
         "s8": {},
         "band0.1": {},
@@ -53,3 +54,4 @@ def test_correction_variants_map_to_compress_options():
     for option, want in cases.items():
         assert variant(option) == want, option
         assert set(want) <= fields, option
+        CompressConfig(ratio=0.2, method="surgeon", **want)  # every value is one the config accepts
