@@ -196,19 +196,16 @@ def apply_low_rank_correction_(
         a = (torch.rand(rank, cols, generator=gen, dtype=torch.float32) * 2 - 1) / math.sqrt(cols)
         b = torch.zeros(rows, rank, dtype=torch.float32)
         adapters[n] = (a.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
-    # norms: every 1-D parameter (norm scales, biases) is trained whole, an update of its shape from 0
-    vectors = {n: p for n, p in sorted(gm.named_parameters()) if norms and p.ndim == 1 and p.is_floating_point()}
-    shifts = {n: torch.zeros_like(p, dtype=torch.float32).requires_grad_(True) for n, p in vectors.items()}
-    trained = adapters | {n: (t,) for n, t in shifts.items()}  # what Adam trains and holdout keeps
-    keep = {n: w.detach() != 0 for n, w in (weights | vectors).items()} if keep_zeros else {}
+    if norms:  # every 1-D parameter (norm scales, biases) is trained whole: an update of its shape from 0
+        for n, p in sorted(gm.named_parameters()):
+            if p.ndim == 1 and p.is_floating_point():
+                weights[n] = p
+                adapters[n] = (torch.zeros_like(p, dtype=torch.float32).requires_grad_(True),)
+    keep = {n: w.detach() != 0 for n, w in weights.items()} if keep_zeros else {}
 
     def delta(n: str) -> torch.Tensor:
         ab = adapters[n]
         d = (ab[0] if len(ab) == 1 else ab[1] @ ab[0]).to(weights[n].dtype)
-        return d * keep[n] if keep_zeros else d
-
-    def shift(n: str) -> torch.Tensor:
-        d = shifts[n].to(vectors[n].dtype)
         return d * keep[n] if keep_zeros else d
 
     frozen = {k: p.detach() for k, p in gm.named_parameters()}  # no gradients for the weights themselves
@@ -216,7 +213,6 @@ def apply_low_rank_correction_(
     def forward_loss(ids: torch.Tensor) -> torch.Tensor:
         params = dict(frozen)
         params.update({n: w.detach() + delta(n) for n, w in weights.items()})
-        params.update({n: p.detach() + shift(n) for n, p in vectors.items()})
         with sweep_precision(precision, device):
             logits = torch.func.functional_call(run, params, (ids,), strict=False)
             return _loss(logits, ids, teacher, hf, next_token_weight)
@@ -232,7 +228,7 @@ def apply_low_rank_correction_(
         result.holdout_before = best = holdout_loss()  # B = 0 (or D = 0): the weights as they are
         best_step = 0
         every = -(-steps // holdout_checks)
-    opt = torch.optim.Adam([t for ab in trained.values() for t in ab], lr=lr)
+    opt = torch.optim.Adam([t for ab in adapters.values() for t in ab], lr=lr)
     order: list[int] = []
     for step in tqdm(range(steps), desc="low-rank correction", disable=not progress, leave=False):
         if len(order) < batch_size:
@@ -257,12 +253,12 @@ def apply_low_rank_correction_(
             if now < best:  # keep this update: the best held-out loss so far
                 best, best_step = now, done
                 if done < steps:  # the last step's update needs no copy: the adapters hold it
-                    saved = {n: tuple(t.detach().clone() for t in ab) for n, ab in trained.items()}
+                    saved = {n: tuple(t.detach().clone() for t in ab) for n, ab in adapters.items()}
     if holdout is not None:
         result.holdout_after = best
         if best_step and best_step < steps:  # an earlier check won: its update is the one merged
             with torch.no_grad():
-                for n, ab in trained.items():
+                for n, ab in adapters.items():
                     for t, kept in zip(ab, saved[n]):
                         t.copy_(kept)
     result.kept_step = best_step
@@ -270,8 +266,6 @@ def apply_low_rank_correction_(
         with torch.no_grad():
             for n, w in weights.items():
                 w.add_(delta(n))
-            for n, p in vectors.items():
-                p.add_(shift(n))
     return result
 
 

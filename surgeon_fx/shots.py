@@ -455,11 +455,12 @@ before it did: a checkpoint that lacks one was written with that value."""
 def refuse_other_run(what: str, ckpt: Path, saved: dict, want: dict) -> None:
     """Raise when the options ``saved`` with a checkpoint differ from this run's ``want`` (an option
     missing from ``saved`` that is in :data:`ADDED_LATER` reads as its value there)."""
-    diff = sorted(k for k in want if saved.get(k, ADDED_LATER.get(k)) != want[k])
+    had = ADDED_LATER | saved
+    diff = sorted(k for k in want if had.get(k) != want[k])
     if diff:
         raise ValueError(
             f"the {what} in {ckpt} was written by another run (it differs in {diff}: "
-            f"{ {k: saved.get(k, ADDED_LATER.get(k)) for k in diff} }, this run: { {k: want[k] for k in diff} }); "
+            f"{ {k: had.get(k) for k in diff} }, this run: { {k: want[k] for k in diff} }); "
             "pass another checkpoint_dir or delete that folder"
         )
 
