@@ -49,11 +49,14 @@ def correction_variant(option: str) -> dict:
     themselves), ``"lb8"`` (windows per step, accumulated over passes of the batch size), ``"h8"``
     (windows held out as its guard), ``"distill"`` (trained on the original model's predictions; ``"distillnt"``: on the mean of that
     loss and the next-token loss), ``"norms"``
-    (the 1-D parameters, norm scales and biases, trained too); ``{}`` for any other."""
+    (the 1-D parameters, norm scales and biases, trained too), ``"cos"`` (its rate decays to 0 over each
+    shot's steps by a cosine); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
     if option == "distillnt":
         return {"lora_loss": "distill+next_token"}
+    if option == "cos":
+        return {"lora_schedule": "cosine"}
     if option == "norms":
         return {"lora_norms": True}
     if option == "rfull":

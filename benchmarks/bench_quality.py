@@ -121,6 +121,7 @@ def method_problem(method: str) -> str | None:
         "distill",
         "distillnt",
         "norms",
+        "cos",
         "rfull",
         "uniform",
     }

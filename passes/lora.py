@@ -85,6 +85,7 @@ def apply_low_rank_correction_(
     holdout_checks: int = 4,
     norms: bool = False,
     next_token_weight: float = 0.0,
+    schedule: str = "constant",
     progress: bool = True,
 ) -> Correction:
     """Train rank-``rank`` updates of the decoder linear weights for ``steps`` Adam steps; merge them.
@@ -138,6 +139,10 @@ def apply_low_rank_correction_(
             the loss: ``(1 - w) KL(p_teacher || p) + w CE`` (each the mean over its positions). 0
             (default): pure distillation; 1: the next-token loss alone (the teacher unused). Needs a
             teacher when not 0.
+        schedule: Adam's learning rate over the ``steps``: ``"constant"`` (default: ``lr`` every
+            step) or ``"cosine"`` (``lr (1 + cos(pi t / steps)) / 2`` at step ``t = 0 .. steps - 1``,
+            :class:`torch.optim.lr_scheduler.CosineAnnealingLR` to 0: the full rate first, then ever
+            smaller steps, so the update merged is not the noisy last iterate of a constant rate).
         progress: a progress bar over the steps.
 
     Returns:
@@ -176,6 +181,8 @@ def apply_low_rank_correction_(
         raise ValueError(f"next_token_weight must be a number in [0, 1], got {next_token_weight!r}")
     if next_token_weight and teacher is None:
         raise ValueError("next_token_weight mixes the next-token loss into distillation: it needs a teacher")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if steps == 0:
         return Correction()
     if rank_and_world()[1] > 1:
@@ -229,6 +236,7 @@ def apply_low_rank_correction_(
         best_step = 0
         every = -(-steps // holdout_checks)
     opt = torch.optim.Adam([t for ab in adapters.values() for t in ab], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine" else None
     order: list[int] = []
     for step in tqdm(range(steps), desc="low-rank correction", disable=not progress, leave=False):
         if len(order) < batch_size:
@@ -247,6 +255,8 @@ def apply_low_rank_correction_(
                 (share * loss).backward()
         result.losses.append(step_loss)
         opt.step()
+        if sched is not None:
+            sched.step()
         done = step + 1
         if holdout is not None and (done % every == 0 or done == steps):
             now = holdout_loss()
@@ -268,6 +278,9 @@ def apply_low_rank_correction_(
                 w.add_(delta(n))
     return result
 
+
+SCHEDULES = ("constant", "cosine")
+"""Learning-rate schedules of :func:`apply_low_rank_correction_` over one call's steps."""
 
 _CHUNK_ENTRIES = 1 << 26  # logits entries per chunk of the loss: 256 MB of float32 intermediates
 

@@ -37,6 +37,8 @@ matrix scored and updated on their own, masked to zero, not coupled, no tensor s
 CURVATURE_METHODS = ("surgeon", "kobd", "lobd", "published")
 PRECISIONS = ("fp32", "tf32", "mixed")
 LORA_LOSSES = ("next_token", "distill", "distill+next_token")
+LORA_SCHEDULES = ("constant", "cosine")
+"""Values of ``lora_schedule``: the correction's learning rate over each shot's steps."""
 SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
 """Methods for ``sparsity=``: the Surgeon's element costs with correlated OBS updates, per-layer
 magnitude, Wanda (|W| * input norm per output row) and SparseGPT (layer-wise OBS, column by column)."""
@@ -146,6 +148,12 @@ class CompressConfig:
             No gain on the H200 protocols (``benchmarks/results/h200_session11/``): unstructured 50%
             30.20 against 30.16, 2:4 51.66 against 49.74, structured 90-50% 25.00 / 29.66 / 36.57 /
             48.95 / 73.18 against 24.80 / 29.31 / 36.23 / 48.71 / 71.71.
+        lora_schedule: that correction's learning rate over each shot's steps: ``"constant"``
+            (default) or ``"cosine"`` (from ``lora_lr`` down to 0 by the shot's last step;
+            :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``schedule``). No gain on
+            the H200 protocols (``benchmarks/results/h200_session12/``): structured 24.78 / 29.65
+            against 24.64 / 29.45 at 90 / 80%, unstructured 50% 30.12 against 29.80, 2:4 50.84
+            against 49.74.
         lora_rank, lora_lr: rank and Adam learning rate of that correction. SmolLM2-135M, 40 shots
             to 50% on an H200 (``benchmarks/results/h200_session6/``): 16 steps of 8 windows per
             shot at ``3e-4`` lowered the perplexity at 90/80/70/60/50% from 26.4/33.0/45.0/63.8/103.3
@@ -170,7 +178,9 @@ class CompressConfig:
             30.75 unstructured 50% and 51.07 in 2:4, where ``"next_token"`` overfit (60.96 in 2:4;
             ``benchmarks/results/h200_session9/``). ``"distill+next_token"``: the mean of the two
             losses, with the same teacher (``next_token_weight=0.5`` of
-            :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`).
+            :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`). On the H200 (20 shots of
+            32 steps, rank 32, ``benchmarks/results/h200_session12/``) it gave the best 90% / 80%
+            measured at lr 5e-4, 22.68 / 28.80, and was worse than ``"distill"`` below 80% at 1e-3.
     """
 
     ratio: float
@@ -206,6 +216,7 @@ class CompressConfig:
     lora_batch_size: int | None = None
     lora_holdout: int = 0
     lora_norms: bool = False
+    lora_schedule: str = "constant"
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -323,6 +334,8 @@ class CompressConfig:
             raise ValueError(
                 f"lora_norms must be True or False (train the 1-D parameters too), got {self.lora_norms!r}"
             )
+        if self.lora_schedule not in LORA_SCHEDULES:
+            raise ValueError(f"lora_schedule must be one of {LORA_SCHEDULES}, got {self.lora_schedule!r}")
         if self.lora_loss not in LORA_LOSSES:
             raise ValueError(f"lora_loss must be one of {LORA_LOSSES}, got {self.lora_loss!r}")
         if self.lora_steps and self.method == "published":

@@ -34,7 +34,7 @@ def config_fields(args) -> dict:
         kw["max_memory"] = args.max_memory
     kw |= {"lora_steps": args.lora_steps, "lora_rank": args.lora_rank, "lora_lr": args.lora_lr}
     kw |= {"lora_loss": args.lora_loss, "lora_batch_size": args.lora_batch_size, "lora_holdout": args.lora_holdout}
-    kw["lora_norms"] = args.lora_norms
+    kw |= {"lora_norms": args.lora_norms, "lora_schedule": args.lora_schedule}
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -184,7 +184,7 @@ def add_basis_kinds(p) -> None:
 
 def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str) -> None:
     """Add the ``compress`` sub-command (options documented in its ``--help``) to ``sub``."""
-    from .api import LORA_LOSSES, PRECISIONS
+    from .api import LORA_LOSSES, LORA_SCHEDULES, PRECISIONS
 
     c = sub.add_parser(
         "compress",
@@ -335,6 +335,13 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         action="store_true",
         help="that correction also trains the 1-D parameters (norm scales, biases) in full, not low rank, "
         "alongside the adapters, merged with them (default: only the decoder linear weights change)",
+    )
+    c.add_argument(
+        "--lora-schedule",
+        default="constant",
+        choices=LORA_SCHEDULES,
+        help="that correction's learning rate over each shot's steps: constant (default) or cosine "
+        "(from --lora-lr down to 0 by the shot's last step)",
     )
     c.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window (default 2048)")

@@ -233,6 +233,7 @@ def low_rank_correction_(
         next_token_weight=0.5 if cfg.lora_loss == "distill+next_token" else 0.0,
         holdout=holdout,
         norms=cfg.lora_norms,
+        schedule=cfg.lora_schedule,
         progress=progress,
     )
     losses = done.losses
@@ -405,6 +406,7 @@ RUN_KEYS = (
     "lora_batch_size",
     "lora_holdout",
     "lora_norms",
+    "lora_schedule",
 )
 """The options a structured checkpoint must share with the run that resumes it."""
 
@@ -447,7 +449,7 @@ def checkpoint_metadata(path: Path, key: str) -> str | None:
         return (f.metadata() or {}).get(key)
 
 
-ADDED_LATER = {"lora_holdout": 0, "lora_norms": False}
+ADDED_LATER = {"lora_holdout": 0, "lora_norms": False, "lora_schedule": "constant"}
 """Options added after checkpoints first recorded theirs, each with the value that does what a run
 before it did: a checkpoint that lacks one was written with that value."""
 

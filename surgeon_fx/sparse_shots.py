@@ -99,6 +99,7 @@ def _state_of(cfg) -> dict:
         "lora_batch_size",
         "lora_holdout",
         "lora_norms",
+        "lora_schedule",
     )
     return {k: getattr(cfg, k) for k in keys}
 

@@ -47,6 +47,7 @@ def test_correction_variants_map_to_compress_options():
         "distill": {"lora_loss": "distill"},
         "distillnt": {"lora_loss": "distill+next_token"},
         "norms": {"lora_norms": True},
+        "cos": {"lora_schedule": "cosine"},
         "s8": {},
         "band0.1": {},
     }

@@ -307,12 +307,15 @@ def test_correction_options_reach_the_config():
     cfg = CompressConfig(**config_fields(args))
     assert (cfg.lora_steps, cfg.lora_rank, cfg.lora_lr, cfg.lora_loss) == (4, 2, 1e-3, "distill")
     assert (plain.lora_batch_size, cfg.lora_batch_size) == (1, 1)  # default: --batch-size
-    extra = ["--lora-batch-size", "8", "--lora-holdout", "4", "--lora-norms"]
+    extra = ["--lora-batch-size", "8", "--lora-holdout", "4", "--lora-norms", "--lora-schedule", "cosine"]
     full = parse([*argv[:5], "--lora-rank", "full", "--batch-size", "2", *extra])
     check_compress_args(full)
     full = CompressConfig(**config_fields(full))
     assert (full.lora_rank, full.batch_size, full.lora_batch_size, full.lora_holdout) == ("full", 2, 8, 4)
     assert (plain.lora_holdout, plain.lora_norms, cfg.lora_norms, full.lora_norms) == (0, False, False, True)
+    assert (plain.lora_schedule, full.lora_schedule) == ("constant", "cosine")
+    with pytest.raises(SystemExit):
+        parse([*argv, "--lora-schedule", "linear"])
     for bad in ("0", "half"):
         with pytest.raises(SystemExit):
             parse([*argv[:5], "--lora-rank", bad])

@@ -17,12 +17,14 @@ import surgeon_fx as sf
 CALIB = ids(6, 12, seed=3)
 
 
-def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed, keep_zeros=False, teacher=None, norms=False):
+def _eager_lora(
+    model, names, *, steps, rank, lr, batch_size, seed, keep_zeros=False, teacher=None, norms=False, cosine=False
+):
     """Oracle: LoRA on the eager model through forward hooks ``y + B (A x)``, Adam, then merged; with
     ``keep_zeros`` the hook adds ``(M * (B A)) x`` with ``M`` the non-zero entries of the weight; with
     a ``teacher`` the loss is sum_v p_t (log p_t - log p) averaged over every position; with ``norms``
     the same Adam also trains every 1-D parameter itself (under ``keep_zeros`` with the gradients of
-    its zero entries masked)."""
+    its zero entries masked); with ``cosine`` step ``t``'s rate is ``lr (1 + cos(pi t / steps)) / 2``."""
     gen = torch.Generator().manual_seed(seed)
     mods = {n: model.get_submodule(n.rsplit(".", 1)[0]) for n in names}
     ab = {}
@@ -44,7 +46,9 @@ def _eager_lora(model, names, *, steps, rank, lr, batch_size, seed, keep_zeros=F
     zero = [p.detach() == 0 for p in vectors]
     opt = torch.optim.Adam([t for pair in ab.values() for t in pair] + vectors, lr=lr)
     order: list[int] = []
-    for _ in range(steps):
+    for t in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * (1 + math.cos(math.pi * t / steps)) / 2 if cosine else lr
         if len(order) < batch_size:
             order += torch.randperm(len(CALIB), generator=gen).tolist()
         pick, order = order[:batch_size], order[batch_size:]
@@ -423,6 +427,52 @@ def test_compress_lora_norms_reaches_the_correction(monkeypatch):
         assert torch.equal(v, orig[k]), k
 
 
+def test_cosine_schedule_matches_the_eager_oracle():
+    """schedule="cosine": step t trains at lr (1 + cos(pi t / steps)) / 2 (the oracle sets each step's
+    rate by that formula); the result differs from the constant rate's, and a bad name is refused."""
+    fqns = None
+    kw = dict(steps=5, rank=3, lr=3e-3, batch_size=2, seed=5)
+    got = {}
+    for schedule in ("constant", "cosine"):
+        model = tiny_model("llama")
+        gm = sf.trace(model)
+        annotate_groups(gm)
+        fqns = sorted({lay.weight for lay in sparse_layers(gm)})
+        apply_low_rank_correction_(gm, CALIB, schedule=schedule, progress=False, **kw)
+        got[schedule] = model.state_dict()
+    ref = _eager_lora(tiny_model("llama"), fqns, cosine=True, **kw).state_dict()
+    for k in fqns:
+        torch.testing.assert_close(got["cosine"][k], ref[k], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(got["cosine"][k], got["constant"][k], rtol=1e-4, atol=1e-5), k
+    gm = sf.trace(tiny_model("llama"))
+    annotate_groups(gm)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        apply_low_rank_correction_(gm, CALIB, steps=1, schedule="linear")
+
+
+def test_compress_passes_the_schedule_to_every_shot(monkeypatch):
+    """lora_schedule reaches every shot's correction, structured and sparse; the caller's model is untouched."""
+    import surgeon_fx.passes.lora as lora
+
+    seen = []
+    real = lora.apply_low_rank_correction_
+
+    def spy(gm, windows, **kw):
+        seen.append(kw["schedule"])
+        return real(gm, windows, **kw)
+
+    monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
+    model = tiny_model("llama")
+    orig = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(calibration=CALIB, method="surgeon", seed=2, progress=False, lora_steps=2)
+    sf.compress(model, 0.2, shots=2, **kw)
+    sf.compress(model, 0.2, shots=2, lora_schedule="cosine", **kw)
+    sf.compress(model, 0.0, shots=1, sparsity="2:4", lora_schedule="cosine", **kw)
+    assert seen == ["constant"] * 2 + ["cosine"] * 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, orig[k]), k
+
+
 @pytest.mark.parametrize("loss,weight", [("distill", 0.0), ("distill+next_token", 0.5)])
 def test_distilled_compress_learns_from_the_untouched_original(monkeypatch, loss, weight):
     """lora_loss="distill" (or "distill+next_token", half of it the next-token loss): every shot's
@@ -515,6 +565,7 @@ def test_next_token_weight_one_trains_as_without_a_teacher():
         (dict(lora_steps=2, method="magnitude", calibration=None), "lora_steps needs calibration"),
         (dict(lora_steps=2, lora_loss="kl"), "lora_loss"),
         (dict(lora_steps=2, lora_norms="yes"), "lora_norms"),
+        (dict(lora_steps=2, lora_schedule="linear"), "lora_schedule"),
     ],
 )
 def test_bad_correction_options_are_refused(options, match):
