@@ -50,11 +50,14 @@ def correction_variant(option: str) -> dict:
     (windows held out as its guard), ``"distill"`` (trained on the original model's predictions; ``"distillnt"``: on the mean of that
     loss and the next-token loss), ``"norms"``
     (the 1-D parameters, norm scales and biases, trained too), ``"cos"`` (its rate decays to 0 over each
-    shot's steps by a cosine); ``{}`` for any other."""
+    shot's steps by a cosine), ``"ntw0.25"`` (the distilled and next-token losses, the latter's share
+    0.25); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
     if option == "distillnt":
         return {"lora_loss": "distill+next_token"}
+    if option.startswith("ntw"):
+        return {"lora_loss": "distill+next_token", "lora_next_token_weight": float(option[3:])}
     if option == "cos":
         return {"lora_schedule": "cosine"}
     if option == "norms":

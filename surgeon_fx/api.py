@@ -148,6 +148,9 @@ class CompressConfig:
             No gain on the H200 protocols (``benchmarks/results/h200_session11/``): unstructured 50%
             30.20 against 30.16, 2:4 51.66 against 49.74, structured 90-50% 25.00 / 29.66 / 36.57 /
             48.95 / 73.18 against 24.80 / 29.31 / 36.23 / 48.71 / 71.71.
+        lora_next_token_weight: under ``lora_loss="distill+next_token"``, the share ``w`` in (0, 1)
+            of the next-token loss in the correction's loss (default 0.5: the mean of the two);
+            unused by the other losses.
         lora_schedule: that correction's learning rate over each shot's steps: ``"constant"``
             (default) or ``"cosine"`` (from ``lora_lr`` down to 0 by the shot's last step;
             :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``schedule``). No gain on
@@ -176,9 +179,9 @@ class CompressConfig:
             ``benchmarks/results/ablation_cpu_session8/``). On the H200 (SmolLM2-135M, 2 sparse
             shots, 64 steps of 8 windows, rank 32, lr 1e-3) it gave the best sparse results measured,
             30.75 unstructured 50% and 51.07 in 2:4, where ``"next_token"`` overfit (60.96 in 2:4;
-            ``benchmarks/results/h200_session9/``). ``"distill+next_token"``: the mean of the two
-            losses, with the same teacher (``next_token_weight=0.5`` of
-            :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`). On the H200 (20 shots of
+            ``benchmarks/results/h200_session9/``). ``"distill+next_token"``: both losses with the
+            same teacher, ``(1 - w) KL + w CE`` with ``w = lora_next_token_weight``
+            (:func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``next_token_weight``). On the H200 (20 shots of
             32 steps, rank 32, ``benchmarks/results/h200_session12/``) it gave the best 90% / 80%
             measured at lr 5e-4, 22.68 / 28.80, and was worse than ``"distill"`` below 80% at 1e-3.
     """
@@ -217,6 +220,7 @@ class CompressConfig:
     lora_holdout: int = 0
     lora_norms: bool = False
     lora_schedule: str = "constant"
+    lora_next_token_weight: float = 0.5
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -333,6 +337,12 @@ class CompressConfig:
         if not isinstance(self.lora_norms, bool):
             raise ValueError(
                 f"lora_norms must be True or False (train the 1-D parameters too), got {self.lora_norms!r}"
+            )
+        w = self.lora_next_token_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < 1:
+            raise ValueError(
+                "lora_next_token_weight must be a number in (0, 1) (the next-token loss's share under "
+                f"lora_loss='distill+next_token'), got {w!r}"
             )
         if self.lora_schedule not in LORA_SCHEDULES:
             raise ValueError(f"lora_schedule must be one of {LORA_SCHEDULES}, got {self.lora_schedule!r}")

@@ -35,6 +35,7 @@ def config_fields(args) -> dict:
     kw |= {"lora_steps": args.lora_steps, "lora_rank": args.lora_rank, "lora_lr": args.lora_lr}
     kw |= {"lora_loss": args.lora_loss, "lora_batch_size": args.lora_batch_size, "lora_holdout": args.lora_holdout}
     kw |= {"lora_norms": args.lora_norms, "lora_schedule": args.lora_schedule}
+    kw["lora_next_token_weight"] = args.lora_next_token_weight
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -327,14 +328,22 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         default="next_token",
         choices=LORA_LOSSES,
         help="what it trains on: the calibration text's next tokens (default), the original model's "
-        "predictions on it (distill; one more model copy in memory) or the mean of the two losses "
-        "(distill+next_token)",
+        "predictions on it (distill; one more model copy in memory) or both (distill+next_token; "
+        "see --lora-next-token-weight)",
     )
     c.add_argument(
         "--lora-norms",
         action="store_true",
         help="that correction also trains the 1-D parameters (norm scales, biases) in full, not low rank, "
         "alongside the adapters, merged with them (default: only the decoder linear weights change)",
+    )
+    c.add_argument(
+        "--lora-next-token-weight",
+        type=float,
+        default=0.5,
+        metavar="W",
+        help="with --lora-loss distill+next_token: the next-token loss's share W in (0, 1) of the loss "
+        "(1 - W) KL + W CE (default 0.5)",
     )
     c.add_argument(
         "--lora-schedule",

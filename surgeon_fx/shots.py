@@ -209,7 +209,7 @@ def low_rank_correction_(
 ):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
     (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss`` "distill" (half and half with the
-    next-token loss under "distill+next_token"), the last
+    next-token loss under "distill+next_token", its share ``cfg.lora_next_token_weight``), the last
     ``cfg.lora_holdout`` windows held out as its guard, the 1-D parameters trained too under
     ``cfg.lora_norms``; logs its training loss over the first and the last steps (and the held-out loss)."""
     if cfg.lora_loss != "next_token" and teacher is None:
@@ -230,7 +230,7 @@ def low_rank_correction_(
         keep_zeros=keep_zeros,
         precision=cfg.precision,
         teacher=teacher if cfg.lora_loss != "next_token" else None,
-        next_token_weight=0.5 if cfg.lora_loss == "distill+next_token" else 0.0,
+        next_token_weight=cfg.lora_next_token_weight if cfg.lora_loss == "distill+next_token" else 0.0,
         holdout=holdout,
         norms=cfg.lora_norms,
         schedule=cfg.lora_schedule,
@@ -407,6 +407,7 @@ RUN_KEYS = (
     "lora_holdout",
     "lora_norms",
     "lora_schedule",
+    "lora_next_token_weight",
 )
 """The options a structured checkpoint must share with the run that resumes it."""
 
@@ -449,7 +450,7 @@ def checkpoint_metadata(path: Path, key: str) -> str | None:
         return (f.metadata() or {}).get(key)
 
 
-ADDED_LATER = {"lora_holdout": 0, "lora_norms": False, "lora_schedule": "constant"}
+ADDED_LATER = {"lora_holdout": 0, "lora_norms": False, "lora_schedule": "constant", "lora_next_token_weight": 0.5}
 """Options added after checkpoints first recorded theirs, each with the value that does what a run
 before it did: a checkpoint that lacks one was written with that value."""
 

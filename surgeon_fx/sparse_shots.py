@@ -100,6 +100,7 @@ def _state_of(cfg) -> dict:
         "lora_holdout",
         "lora_norms",
         "lora_schedule",
+        "lora_next_token_weight",
     )
     return {k: getattr(cfg, k) for k in keys}
 

@@ -48,6 +48,7 @@ def test_correction_variants_map_to_compress_options():
         "distillnt": {"lora_loss": "distill+next_token"},
         "norms": {"lora_norms": True},
         "cos": {"lora_schedule": "cosine"},
+        "ntw0.25": {"lora_loss": "distill+next_token", "lora_next_token_weight": 0.25},
         "s8": {},
         "band0.1": {},
     }
@@ -56,3 +57,18 @@ def test_correction_variants_map_to_compress_options():
         assert variant(option) == want, option
         assert set(want) <= fields, option
         CompressConfig(ratio=0.2, method="surgeon", **want)  # every value is one the config accepts
+
+
+def test_quality_method_names_accept_every_correction_variant():
+    """bench_quality.py refuses a misspelt option before loading a model: every correction variant the
+    runs use passes its check, unknown or malformed options do not."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        problem = importlib.import_module("bench_quality").method_problem
+    finally:
+        sys.path.remove(str(BENCH))
+    ok = "surgeon:s4:l32:lb8:r32:lr5e-4:distillnt", "surgeon:s4:l32:lb8:ntw0.25:cos", "surgeon:s8:l16:h8:norms:rfull"
+    for method in ok:
+        assert problem(method) is None, method
+    for method in ("surgeon:ntw", "surgeon:ntwx", "surgeon:cosine", "surgeon:s4:distil"):
+        assert "unknown option" in problem(method), method

@@ -314,6 +314,14 @@ def test_correction_options_reach_the_config():
     assert (full.lora_rank, full.batch_size, full.lora_batch_size, full.lora_holdout) == ("full", 2, 8, 4)
     assert (plain.lora_holdout, plain.lora_norms, cfg.lora_norms, full.lora_norms) == (0, False, False, True)
     assert (plain.lora_schedule, full.lora_schedule) == ("constant", "cosine")
+    mixed = parse([*argv, "--lora-loss", "distill+next_token", "--lora-next-token-weight", "0.25"])
+    check_compress_args(mixed)
+    mixed = CompressConfig(**config_fields(mixed))
+    assert (plain.lora_next_token_weight, mixed.lora_loss, mixed.lora_next_token_weight) == (
+        0.5,
+        "distill+next_token",
+        0.25,
+    )
     with pytest.raises(SystemExit):
         parse([*argv, "--lora-schedule", "linear"])
     for bad in ("0", "half"):

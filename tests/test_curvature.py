@@ -169,9 +169,14 @@ def test_checkpoints_without_later_options_resume_as_their_defaults(tmp_path):
     option at the value that reproduces the old behaviour, and is refused otherwise."""
     from surgeon_fx.shots import ADDED_LATER, refuse_other_run
 
-    assert ADDED_LATER == {"lora_holdout": 0, "lora_norms": False, "lora_schedule": "constant"}
+    assert ADDED_LATER == {
+        "lora_holdout": 0,
+        "lora_norms": False,
+        "lora_schedule": "constant",
+        "lora_next_token_weight": 0.5,
+    }
     old = {"ratio": 0.3, "lora_steps": 4}  # saved before lora_holdout / lora_norms / lora_schedule were recorded
-    later = {"lora_holdout": 0, "lora_norms": False, "lora_schedule": "constant"}
+    later = {"lora_holdout": 0, "lora_norms": False, "lora_schedule": "constant", "lora_next_token_weight": 0.5}
     refuse_other_run("checkpoint", tmp_path, old, {**old, **later})
     with pytest.raises(ValueError, match=r"differs in \['lora_norms'\].*'lora_norms': False.*'lora_norms': True"):
         refuse_other_run("checkpoint", tmp_path, old, {**old, **later, "lora_norms": True})

@@ -473,11 +473,20 @@ def test_compress_passes_the_schedule_to_every_shot(monkeypatch):
         assert torch.equal(v, orig[k]), k
 
 
-@pytest.mark.parametrize("loss,weight", [("distill", 0.0), ("distill+next_token", 0.5)])
-def test_distilled_compress_learns_from_the_untouched_original(monkeypatch, loss, weight):
-    """lora_loss="distill" (or "distill+next_token", half of it the next-token loss): every shot's
-    correction gets the same teacher, equal to the caller's model before compress, even after
-    structures were removed and with inplace=True."""
+@pytest.mark.parametrize(
+    "loss,given,weight",
+    [
+        ("distill", None, 0.0),
+        ("distill", 0.25, 0.0),
+        ("distill+next_token", None, 0.5),
+        ("distill+next_token", 0.25, 0.25),
+    ],
+)
+def test_distilled_compress_learns_from_the_untouched_original(monkeypatch, loss, given, weight):
+    """lora_loss="distill" (or "distill+next_token", by default half of it the next-token loss, else
+    lora_next_token_weight, which pure distillation ignores): every shot's correction gets the same
+    teacher, equal to the caller's model before compress, even after structures were removed and
+    with inplace=True."""
     import surgeon_fx.passes.lora as lora
 
     model = tiny_model("llama")
@@ -494,6 +503,8 @@ def test_distilled_compress_learns_from_the_untouched_original(monkeypatch, loss
 
     monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
     kw = dict(calibration=CALIB, method="surgeon", shots=2, lora_steps=2, lora_loss=loss, progress=False)
+    if given is not None:
+        kw["lora_next_token_weight"] = given
     sf.compress(model, 0.2, inplace=True, **kw)
     assert len(seen) == 2 and seen[0] is seen[1]
     assert sum(p.numel() for p in model.parameters()) < sum(v.numel() for v in orig.values())
@@ -566,6 +577,10 @@ def test_next_token_weight_one_trains_as_without_a_teacher():
         (dict(lora_steps=2, lora_loss="kl"), "lora_loss"),
         (dict(lora_steps=2, lora_norms="yes"), "lora_norms"),
         (dict(lora_steps=2, lora_schedule="linear"), "lora_schedule"),
+        (dict(lora_steps=2, lora_next_token_weight=0.0), "lora_next_token_weight"),
+        (dict(lora_steps=2, lora_next_token_weight=1.0), "lora_next_token_weight"),
+        (dict(lora_steps=2, lora_next_token_weight=True), "lora_next_token_weight"),
+        (dict(lora_steps=2, lora_next_token_weight="half"), "lora_next_token_weight"),
     ],
 )
 def test_bad_correction_options_are_refused(options, match):
