@@ -47,11 +47,10 @@ def correction_variant(option: str) -> dict:
     """``compress`` options of a method variant that sets the low-rank correction: ``"l16"`` (steps
     after every shot), ``"lr3e-4"`` (its learning rate), ``"r8"`` (its rank; ``"rfull"``: the weights
     themselves), ``"lb8"`` (windows per step, accumulated over passes of the batch size), ``"h8"``
-    (windows held out as its guard), ``"distill"`` (trained on the original model's predictions; ``"distillnt"``: on the mean of that
-    loss and the next-token loss), ``"norms"``
-    (the 1-D parameters, norm scales and biases, trained too), ``"cos"`` (its rate decays to 0 over each
-    shot's steps by a cosine), ``"ntw0.25"`` (the distilled and next-token losses, the latter's share
-    0.25); ``{}`` for any other."""
+    (windows held out as its guard), ``"distill"`` (trained on the original model's predictions;
+    ``"distillnt"``: on the mean of that loss and the next-token loss; ``"ntw0.25"``: on both, the
+    next-token loss's share 0.25), ``"norms"`` (the 1-D parameters, norm scales and biases, trained
+    too), ``"cos"`` (its rate decays to 0 over each shot's steps by a cosine); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
     if option == "distillnt":

@@ -33,6 +33,7 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from surgeon_fx.api import LORA_SCHEDULES
 from surgeon_fx.evaluate import _logits
 from surgeon_fx.launch import rank_and_world
 from surgeon_fx.tracing import is_hf_model
@@ -181,8 +182,8 @@ def apply_low_rank_correction_(
         raise ValueError(f"next_token_weight must be a number in [0, 1], got {next_token_weight!r}")
     if next_token_weight and teacher is None:
         raise ValueError("next_token_weight mixes the next-token loss into distillation: it needs a teacher")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule not in LORA_SCHEDULES:
+        raise ValueError(f"schedule must be one of {LORA_SCHEDULES}, got {schedule!r}")
     if steps == 0:
         return Correction()
     if rank_and_world()[1] > 1:
@@ -278,9 +279,6 @@ def apply_low_rank_correction_(
                 w.add_(delta(n))
     return result
 
-
-SCHEDULES = ("constant", "cosine")
-"""Learning-rate schedules of :func:`apply_low_rank_correction_` over one call's steps."""
 
 _CHUNK_ENTRIES = 1 << 26  # logits entries per chunk of the loss: 256 MB of float32 intermediates
 

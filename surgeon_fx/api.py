@@ -38,7 +38,8 @@ CURVATURE_METHODS = ("surgeon", "kobd", "lobd", "published")
 PRECISIONS = ("fp32", "tf32", "mixed")
 LORA_LOSSES = ("next_token", "distill", "distill+next_token")
 LORA_SCHEDULES = ("constant", "cosine")
-"""Values of ``lora_schedule``: the correction's learning rate over each shot's steps."""
+"""Values of ``lora_schedule`` (and of :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s
+``schedule``): the correction's learning rate over each shot's steps."""
 SPARSE_METHODS = ("surgeon", "magnitude", "wanda", "sparsegpt")
 """Methods for ``sparsity=``: the Surgeon's element costs with correlated OBS updates, per-layer
 magnitude, Wanda (|W| * input norm per output row) and SparseGPT (layer-wise OBS, column by column)."""
