@@ -49,12 +49,15 @@ def correction_variant(option: str) -> dict:
     themselves), ``"lb8"`` (windows per step, accumulated over passes of the batch size), ``"h8"``
     (windows held out as its guard), ``"distill"`` (trained on the original model's predictions;
     ``"distillnt"``: on the mean of that loss and the next-token loss; ``"ntw0.25"``: on both, the
-    next-token loss's share 0.25), ``"norms"`` (the 1-D parameters, norm scales and biases, trained
+    next-token loss's share 0.25; ``"ntwe0"``: on both, that share going from the first shot's (0.5 or
+    ``ntw``'s) to 0 at the last), ``"norms"`` (the 1-D parameters, norm scales and biases, trained
     too), ``"cos"`` (its rate decays to 0 over each shot's steps by a cosine); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
     if option == "distillnt":
         return {"lora_loss": "distill+next_token"}
+    if option.startswith("ntwe"):
+        return {"lora_loss": "distill+next_token", "lora_next_token_weight_end": float(option[4:])}
     if option.startswith("ntw"):
         return {"lora_loss": "distill+next_token", "lora_next_token_weight": float(option[3:])}
     if option == "cos":

@@ -152,6 +152,13 @@ class CompressConfig:
         lora_next_token_weight: under ``lora_loss="distill+next_token"``, the share ``w`` in (0, 1)
             of the next-token loss in the correction's loss (default 0.5: the mean of the two);
             unused by the other losses.
+        lora_next_token_weight_end: under ``lora_loss="distill+next_token"``, the share at the last
+            shot, a number in [0, 1): shot ``t`` of ``T`` then uses ``w + (w_end - w) (t - 1) / (T - 1)``
+            with ``w = lora_next_token_weight`` at the first shot (``None``, default: ``w`` at every
+            shot). ``0`` ends on pure distillation, for schedules where the mixed loss helps the mild
+            early shots and distillation the severe late ones (H200, ``benchmarks/results/h200_session12/``:
+            the mixed loss 22.68 / 28.80 at 90 / 80% against 24.64 / 29.45 distilled, but distilled
+            35.91 / 46.36 / 69.98 at 70-50% against 38.46 / 52.26 / 78.48).
         lora_schedule: that correction's learning rate over each shot's steps: ``"constant"``
             (default) or ``"cosine"`` (from ``lora_lr`` down to 0 by the shot's last step;
             :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``schedule``). No gain on
@@ -222,6 +229,7 @@ class CompressConfig:
     lora_norms: bool = False
     lora_schedule: str = "constant"
     lora_next_token_weight: float = 0.5
+    lora_next_token_weight_end: float | None = None
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -345,6 +353,18 @@ class CompressConfig:
                 "lora_next_token_weight must be a number in (0, 1) (the next-token loss's share under "
                 f"lora_loss='distill+next_token'), got {w!r}"
             )
+        end = self.lora_next_token_weight_end
+        if end is not None:
+            if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0 <= end < 1:
+                raise ValueError(
+                    "lora_next_token_weight_end must be None or a number in [0, 1) (the next-token loss's share "
+                    f"at the last shot), got {end!r}"
+                )
+            if self.lora_loss != "distill+next_token":
+                raise ValueError(
+                    "lora_next_token_weight_end schedules the next-token share of lora_loss='distill+next_token'; "
+                    f"it has no effect with lora_loss={self.lora_loss!r}: leave it None or set that loss"
+                )
         if self.lora_schedule not in LORA_SCHEDULES:
             raise ValueError(f"lora_schedule must be one of {LORA_SCHEDULES}, got {self.lora_schedule!r}")
         if self.lora_loss not in LORA_LOSSES:

@@ -36,6 +36,8 @@ def config_fields(args) -> dict:
     kw |= {"lora_loss": args.lora_loss, "lora_batch_size": args.lora_batch_size, "lora_holdout": args.lora_holdout}
     kw |= {"lora_norms": args.lora_norms, "lora_schedule": args.lora_schedule}
     kw["lora_next_token_weight"] = args.lora_next_token_weight
+    if args.lora_next_token_weight_end is not None:
+        kw["lora_next_token_weight_end"] = args.lora_next_token_weight_end
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -344,6 +346,15 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         metavar="W",
         help="with --lora-loss distill+next_token: the next-token loss's share W in (0, 1) of the loss "
         "(1 - W) KL + W CE (default 0.5)",
+    )
+    c.add_argument(
+        "--lora-next-token-weight-end",
+        type=float,
+        default=None,
+        metavar="W",
+        help="with --lora-loss distill+next_token: the share at the last shot, in [0, 1); the shots between "
+        "go in a straight line from --lora-next-token-weight (default: that weight at every shot; 0 ends on "
+        "pure distillation)",
     )
     c.add_argument(
         "--lora-schedule",

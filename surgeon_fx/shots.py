@@ -204,12 +204,25 @@ class _Clock:
         return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
 
 
+def next_token_share(cfg, shot: int) -> float:
+    """The next-token loss's share in shot ``shot``'s correction (1-based, of ``cfg.shots``): 0 unless
+    ``cfg.lora_loss`` is "distill+next_token"; then ``cfg.lora_next_token_weight``, or, with
+    ``cfg.lora_next_token_weight_end``, the straight line from that weight at shot 1 to the end weight at
+    the last shot."""
+    if cfg.lora_loss != "distill+next_token":
+        return 0.0
+    start, end = cfg.lora_next_token_weight, cfg.lora_next_token_weight_end
+    if end is None or cfg.shots == 1:
+        return float(start)
+    return float(start + (end - start) * (shot - 1) / (cfg.shots - 1))
+
+
 def low_rank_correction_(
     gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True, teacher=None
 ):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
     (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss`` "distill" (half and half with the
-    next-token loss under "distill+next_token", its share ``cfg.lora_next_token_weight``), the last
+    next-token loss under "distill+next_token", its share :func:`next_token_share`), the last
     ``cfg.lora_holdout`` windows held out as its guard, the 1-D parameters trained too under
     ``cfg.lora_norms``; logs its training loss over the first and the last steps (and the held-out loss)."""
     if cfg.lora_loss != "next_token" and teacher is None:
@@ -230,7 +243,7 @@ def low_rank_correction_(
         keep_zeros=keep_zeros,
         precision=cfg.precision,
         teacher=teacher if cfg.lora_loss != "next_token" else None,
-        next_token_weight=cfg.lora_next_token_weight if cfg.lora_loss == "distill+next_token" else 0.0,
+        next_token_weight=next_token_share(cfg, shot),
         holdout=holdout,
         norms=cfg.lora_norms,
         schedule=cfg.lora_schedule,
@@ -408,6 +421,7 @@ RUN_KEYS = (
     "lora_norms",
     "lora_schedule",
     "lora_next_token_weight",
+    "lora_next_token_weight_end",
 )
 """The options a structured checkpoint must share with the run that resumes it."""
 
@@ -450,7 +464,13 @@ def checkpoint_metadata(path: Path, key: str) -> str | None:
         return (f.metadata() or {}).get(key)
 
 
-ADDED_LATER = {"lora_holdout": 0, "lora_norms": False, "lora_schedule": "constant", "lora_next_token_weight": 0.5}
+ADDED_LATER = {
+    "lora_holdout": 0,
+    "lora_norms": False,
+    "lora_schedule": "constant",
+    "lora_next_token_weight": 0.5,
+    "lora_next_token_weight_end": None,
+}
 """Options added after checkpoints first recorded theirs, each with the value that does what a run
 before it did: a checkpoint that lacks one was written with that value."""
 

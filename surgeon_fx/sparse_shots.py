@@ -101,6 +101,7 @@ def _state_of(cfg) -> dict:
         "lora_norms",
         "lora_schedule",
         "lora_next_token_weight",
+        "lora_next_token_weight_end",
     )
     return {k: getattr(cfg, k) for k in keys}
 

@@ -322,6 +322,10 @@ def test_correction_options_reach_the_config():
         "distill+next_token",
         0.25,
     )
+    assert mixed.lora_next_token_weight_end is None
+    down = parse([*argv, "--lora-loss", "distill+next_token", "--lora-next-token-weight-end", "0"])
+    check_compress_args(down)
+    assert CompressConfig(**config_fields(down)).lora_next_token_weight_end == 0.0
     with pytest.raises(SystemExit):
         parse([*argv, "--lora-schedule", "linear"])
     for bad in ("0", "half"):

@@ -174,9 +174,10 @@ def test_checkpoints_without_later_options_resume_as_their_defaults(tmp_path):
         "lora_norms": False,
         "lora_schedule": "constant",
         "lora_next_token_weight": 0.5,
+        "lora_next_token_weight_end": None,
     }
     old = {"ratio": 0.3, "lora_steps": 4}  # saved before lora_holdout / lora_norms / lora_schedule were recorded
-    later = {"lora_holdout": 0, "lora_norms": False, "lora_schedule": "constant", "lora_next_token_weight": 0.5}
+    later = dict(ADDED_LATER)
     refuse_other_run("checkpoint", tmp_path, old, {**old, **later})
     with pytest.raises(ValueError, match=r"differs in \['lora_norms'\].*'lora_norms': False.*'lora_norms': True"):
         refuse_other_run("checkpoint", tmp_path, old, {**old, **later, "lora_norms": True})

@@ -510,6 +510,43 @@ def test_distilled_compress_learns_from_the_untouched_original(monkeypatch, loss
     assert sum(p.numel() for p in model.parameters()) < sum(v.numel() for v in orig.values())
 
 
+@pytest.mark.parametrize("sparsity", [None, "unstructured"])
+def test_next_token_share_goes_in_a_straight_line_over_the_shots(monkeypatch, sparsity):
+    """lora_next_token_weight_end: shot t of T gets w + (w_end - w) (t - 1) / (T - 1), for structured
+    and sparsity shots alike, through compress (the oracle: that formula written out for T = 5)."""
+    import surgeon_fx.passes.lora as lora
+
+    from surgeon_fx.shots import next_token_share
+
+    seen = []
+    real = lora.apply_low_rank_correction_
+
+    def spy(gm, windows, **kw):
+        seen.append(kw["next_token_weight"])
+        return real(gm, windows, **kw)
+
+    monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
+    kw = dict(
+        calibration=CALIB, method="surgeon", shots=5, lora_steps=1, lora_loss="distill+next_token", progress=False
+    )
+    kw |= dict(lora_next_token_weight=0.6, lora_next_token_weight_end=0.0)
+    ratio = 0.2
+    if sparsity is not None:
+        kw |= dict(sparsity=sparsity, sparsity_ratio=0.3)
+        ratio = 0.0
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sf.compress(model, ratio, **kw)
+    assert seen == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model unchanged
+    cfg = sf.CompressConfig(
+        ratio=0.2, method="surgeon", shots=1, lora_loss="distill+next_token", lora_next_token_weight_end=0.0
+    )
+    assert next_token_share(cfg, 1) == 0.5  # one shot: the start weight
+    cfg = sf.CompressConfig(ratio=0.2, method="surgeon", shots=3, lora_loss="distill")
+    assert next_token_share(cfg, 2) == 0.0  # pure distillation: no next-token share
+
+
 def test_mixed_loss_is_the_weighted_sum_of_both():
     """next_token_weight w: the loss (value and gradient) is (1 - w) KL + w CE, each from its direct
     formula; at w = 1 it is the next-token loss alone and the teacher is never run."""
@@ -581,6 +618,10 @@ def test_next_token_weight_one_trains_as_without_a_teacher():
         (dict(lora_steps=2, lora_next_token_weight=1.0), "lora_next_token_weight"),
         (dict(lora_steps=2, lora_next_token_weight=True), "lora_next_token_weight"),
         (dict(lora_steps=2, lora_next_token_weight="half"), "lora_next_token_weight"),
+        (dict(lora_steps=2, lora_loss="distill+next_token", lora_next_token_weight_end=1.0), "_end"),
+        (dict(lora_steps=2, lora_loss="distill+next_token", lora_next_token_weight_end=-0.1), "_end"),
+        (dict(lora_steps=2, lora_loss="distill+next_token", lora_next_token_weight_end=False), "_end"),
+        (dict(lora_steps=2, lora_loss="distill", lora_next_token_weight_end=0.0), "no effect with lora_loss='distill'"),
     ],
 )
 def test_bad_correction_options_are_refused(options, match):
