@@ -156,9 +156,9 @@ class CompressConfig:
             shot, a number in [0, 1): shot ``t`` of ``T`` then uses ``w + (w_end - w) (t - 1) / (T - 1)``
             with ``w = lora_next_token_weight`` at the first shot (``None``, default: ``w`` at every
             shot). ``0`` ends on pure distillation, for schedules where the mixed loss helps the mild
-            early shots and distillation the severe late ones (H200, ``benchmarks/results/h200_session12/``:
-            the mixed loss 22.68 / 28.80 at 90 / 80% against 24.64 / 29.45 distilled, but distilled
-            35.91 / 46.36 / 69.98 at 70-50% against 38.46 / 52.26 / 78.48).
+            early shots and distillation the severe late ones. On the H200
+            (``benchmarks/results/h200_session13/``, 20 shots, 0.5 -> 0 at lr 5e-4) it gave the best
+            50% measured, 68.47 (distilled 69.98; constant 0.5: 73.49), and 22.87 / 28.78 at 90 / 80%.
         lora_schedule: that correction's learning rate over each shot's steps: ``"constant"``
             (default) or ``"cosine"`` (from ``lora_lr`` down to 0 by the shot's last step;
             :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``schedule``). No gain on
@@ -190,8 +190,9 @@ class CompressConfig:
             ``benchmarks/results/h200_session9/``). ``"distill+next_token"``: both losses with the
             same teacher, ``(1 - w) KL + w CE`` with ``w = lora_next_token_weight``
             (:func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``next_token_weight``). On the H200 (20 shots of
-            32 steps, rank 32, ``benchmarks/results/h200_session12/``) it gave the best 90% / 80%
-            measured at lr 5e-4, 22.68 / 28.80, and was worse than ``"distill"`` below 80% at 1e-3.
+            32 steps, rank 32, ``benchmarks/results/h200_session13/``) it gave the best 90% / 80%
+            measured at lr 3e-4, 22.66 / 28.33, and was worse than ``"distill"`` below 80% at every
+            rate tried (3e-4 to 1e-3).
     """
 
     ratio: float
