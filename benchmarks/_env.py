@@ -45,7 +45,8 @@ def machine(device: torch.device) -> dict:
 
 def correction_variant(option: str) -> dict:
     """``compress`` options of a method variant that sets the low-rank correction: ``"l16"`` (steps
-    after every shot), ``"lr3e-4"`` (its learning rate), ``"r8"`` (its rank; ``"rfull"``: the weights
+    after every shot), ``"lr3e-4"`` (its learning rate; ``"lre1e-3"``: the last shot's, the shots between
+    on a geometric path), ``"r8"`` (its rank; ``"rfull"``: the weights
     themselves), ``"lb8"`` (windows per step, accumulated over passes of the batch size), ``"h8"``
     (windows held out as its guard), ``"distill"`` (trained on the original model's predictions;
     ``"distillnt"``: on the mean of that loss and the next-token loss; ``"ntw0.25"``: on both, the
@@ -70,6 +71,8 @@ def correction_variant(option: str) -> dict:
         return {"lora_holdout": int(option[1:])}
     if option.startswith("lb") and option[2:].isdigit():
         return {"lora_batch_size": int(option[2:])}
+    if option.startswith("lre"):
+        return {"lora_lr_end": float(option[3:])}
     if option.startswith("lr"):
         return {"lora_lr": float(option[2:])}
     if option[:1] in ("l", "r") and option[1:].isdigit():

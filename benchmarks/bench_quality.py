@@ -126,9 +126,9 @@ def method_problem(method: str) -> str | None:
         "uniform",
     }
     for o in opts:
-        head = next((h for h in ("ntwe", "ntw", "lr", "lb") if o.startswith(h)), o[:1])
+        head = next((h for h in ("ntwe", "ntw", "lre", "lr", "lb") if o.startswith(h)), o[:1])
         number = o[len(head) :].replace(".", "", 1).replace("e-", "", 1)
-        if o in fixed or (head in ("d", "s", "l", "r", "lr", "lb", "h", "ntw", "ntwe") and number.isdigit()):
+        if o in fixed or (head in ("d", "s", "l", "r", "lr", "lre", "lb", "h", "ntw", "ntwe") and number.isdigit()):
             continue
         return f"{method!r}: unknown option {o!r} (see the variants listed in bench_quality.py)"
     return None
@@ -285,10 +285,11 @@ def main() -> int:
             # Fisher), "surgeon:s4" (4 shots per 10%), "surgeon:nores" (no residual channels), "surgeon:all"
             # (producer rows in the costs too), "surgeon:both" (update rows too), "surgeon:tf32",
             # "surgeon:l16" (16 low-rank correction steps after every shot; ":r8" its rank, ":rfull" the weights
-            # themselves, ":lr1e-3" its rate, ":lb8" windows per step, ":h8" windows held out as its guard,
-            # ":distill" trained on the original model's predictions, ":distillnt" on the mean of that and the
-            # next-token loss, ":ntw0.25" on both with the next-token share 0.25, ":ntwe0" that share going
-            # down to 0 by the last shot, ":norms" the 1-D parameters trained too, ":cos" a cosine-decayed rate),
+            # themselves, ":lr1e-3" its rate (":lre1e-3" the last shot's), ":lb8" windows per step, ":h8"
+            # windows held out as its guard, ":distill" trained on the original model's predictions,
+            # ":distillnt" on the mean of that and the next-token loss, ":ntw0.25" on both with the next-token
+            # share 0.25, ":ntwe0" that share going down to 0 by the last shot, ":norms" the 1-D parameters
+            # trained too, ":cos" a cosine-decayed rate),
             # "surgeon:uniform" (same widths in every layer)
             base, *opts = method.split(":")
             extra = {

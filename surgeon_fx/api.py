@@ -159,6 +159,12 @@ class CompressConfig:
             early shots and distillation the severe late ones. On the H200
             (``benchmarks/results/h200_session13/``, 20 shots, 0.5 -> 0 at lr 5e-4) it gave the best
             50% measured, 68.47 (distilled 69.98; constant 0.5: 73.49), and 22.87 / 28.78 at 90 / 80%.
+        lora_lr_end: that correction's learning rate at the last shot, > 0: shot ``t`` of ``T`` then
+            uses ``lora_lr * (lora_lr_end / lora_lr) ** ((t - 1) / (T - 1))``, a geometric path from
+            ``lora_lr`` at the first shot (``None``, default: ``lora_lr`` at every shot). With
+            ``lora_next_token_weight_end`` it lets the mixed loss run at its best rate on the early
+            shots and distillation at its own on the late ones (H200, ``benchmarks/results/h200_session13/``:
+            the mixed loss best at lr 3e-4, distillation at 1e-3).
         lora_schedule: that correction's learning rate over each shot's steps: ``"constant"``
             (default) or ``"cosine"`` (from ``lora_lr`` down to 0 by the shot's last step;
             :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``schedule``). No gain on
@@ -224,6 +230,7 @@ class CompressConfig:
     lora_steps: int = 0
     lora_rank: int | str = 8
     lora_lr: float = 3e-4
+    lora_lr_end: float | None = None
     lora_loss: str = "next_token"
     lora_batch_size: int | None = None
     lora_holdout: int = 0
@@ -336,6 +343,9 @@ class CompressConfig:
             raise ValueError(f"lora_rank must be an int >= 1 or 'full' (train the weights themselves), got {rank!r}")
         if not isinstance(self.lora_lr, (int, float)) or not self.lora_lr > 0:
             raise ValueError(f"lora_lr must be > 0, got {self.lora_lr!r}")
+        end = self.lora_lr_end
+        if end is not None and (isinstance(end, bool) or not isinstance(end, (int, float)) or not end > 0):
+            raise ValueError(f"lora_lr_end must be None or a rate > 0 (the last shot's lora_lr), got {end!r}")
         if self.lora_batch_size is None:
             object.__setattr__(self, "lora_batch_size", self.batch_size)
         lbs = self.lora_batch_size

@@ -36,6 +36,8 @@ def config_fields(args) -> dict:
     kw |= {"lora_loss": args.lora_loss, "lora_batch_size": args.lora_batch_size, "lora_holdout": args.lora_holdout}
     kw |= {"lora_norms": args.lora_norms, "lora_schedule": args.lora_schedule}
     kw["lora_next_token_weight"] = args.lora_next_token_weight
+    if args.lora_lr_end is not None:
+        kw["lora_lr_end"] = args.lora_lr_end
     if args.lora_next_token_weight_end is not None:
         kw["lora_next_token_weight_end"] = args.lora_next_token_weight_end
     if args.sparsity is not None:
@@ -346,6 +348,14 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         metavar="W",
         help="with --lora-loss distill+next_token: the next-token loss's share W in (0, 1) of the loss "
         "(1 - W) KL + W CE (default 0.5)",
+    )
+    c.add_argument(
+        "--lora-lr-end",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="the correction's rate at the last shot; the shots between go from --lora-lr to it on a "
+        "geometric path (default: --lora-lr at every shot)",
     )
     c.add_argument(
         "--lora-next-token-weight-end",

@@ -217,11 +217,20 @@ def next_token_share(cfg, shot: int) -> float:
     return float(start + (end - start) * (shot - 1) / (cfg.shots - 1))
 
 
+def correction_rate(cfg, shot: int) -> float:
+    """The correction's learning rate in shot ``shot`` (1-based, of ``cfg.shots``): ``cfg.lora_lr``, or,
+    with ``cfg.lora_lr_end``, the geometric path from ``cfg.lora_lr`` at shot 1 to that rate at the last."""
+    start, end = cfg.lora_lr, cfg.lora_lr_end
+    if end is None or cfg.shots == 1:
+        return float(start)
+    return float(start * (end / start) ** ((shot - 1) / (cfg.shots - 1)))
+
+
 def low_rank_correction_(
     gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True, teacher=None
 ):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
-    (seed + shot), distilled from ``teacher`` under ``cfg.lora_loss`` "distill" (half and half with the
+    (seed + shot; the rate :func:`correction_rate`), distilled from ``teacher`` under ``cfg.lora_loss`` "distill" (half and half with the
     next-token loss under "distill+next_token", its share :func:`next_token_share`), the last
     ``cfg.lora_holdout`` windows held out as its guard, the 1-D parameters trained too under
     ``cfg.lora_norms``; logs its training loss over the first and the last steps (and the held-out loss)."""
@@ -236,7 +245,7 @@ def low_rank_correction_(
         train,
         steps=cfg.lora_steps,
         rank=cfg.lora_rank,
-        lr=cfg.lora_lr,
+        lr=correction_rate(cfg, shot),
         batch_size=cfg.lora_batch_size,
         micro_batch_size=cfg.batch_size,
         seed=cfg.seed + shot,
@@ -415,6 +424,7 @@ RUN_KEYS = (
     "lora_steps",
     "lora_rank",
     "lora_lr",
+    "lora_lr_end",
     "lora_loss",
     "lora_batch_size",
     "lora_holdout",
@@ -470,6 +480,7 @@ ADDED_LATER = {
     "lora_schedule": "constant",
     "lora_next_token_weight": 0.5,
     "lora_next_token_weight_end": None,
+    "lora_lr_end": None,
 }
 """Options added after checkpoints first recorded theirs, each with the value that does what a run
 before it did: a checkpoint that lacks one was written with that value."""

@@ -95,6 +95,7 @@ def _state_of(cfg) -> dict:
         "lora_steps",
         "lora_rank",
         "lora_lr",
+        "lora_lr_end",
         "lora_loss",
         "lora_batch_size",
         "lora_holdout",

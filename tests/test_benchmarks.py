@@ -50,6 +50,7 @@ def test_correction_variants_map_to_compress_options():
         "cos": {"lora_schedule": "cosine"},
         "ntw0.25": {"lora_loss": "distill+next_token", "lora_next_token_weight": 0.25},
         "ntwe0": {"lora_loss": "distill+next_token", "lora_next_token_weight_end": 0.0},
+        "lre1e-3": {"lora_lr_end": 1e-3},
         "s8": {},
         "band0.1": {},
     }
@@ -69,8 +70,8 @@ def test_quality_method_names_accept_every_correction_variant():
     finally:
         sys.path.remove(str(BENCH))
     ok = "surgeon:s4:l32:lb8:r32:lr5e-4:distillnt", "surgeon:s4:l32:lb8:ntw0.25:cos", "surgeon:s8:l16:h8:norms:rfull"
-    ok += ("surgeon:s4:l32:lb8:r32:lr5e-4:ntw0.5:ntwe0.1",)
+    ok += ("surgeon:s4:l32:lb8:r32:lr5e-4:ntw0.5:ntwe0.1", "surgeon:s4:l32:lr3e-4:lre1e-3:distillnt:ntwe0")
     for method in ok:
         assert problem(method) is None, method
-    for method in ("surgeon:ntw", "surgeon:ntwx", "surgeon:ntwe", "surgeon:cosine", "surgeon:s4:distil"):
+    for method in ("surgeon:ntw", "surgeon:ntwx", "surgeon:ntwe", "surgeon:lre", "surgeon:cosine", "surgeon:s4:distil"):
         assert "unknown option" in problem(method), method

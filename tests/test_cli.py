@@ -326,6 +326,10 @@ def test_correction_options_reach_the_config():
     down = parse([*argv, "--lora-loss", "distill+next_token", "--lora-next-token-weight-end", "0"])
     check_compress_args(down)
     assert CompressConfig(**config_fields(down)).lora_next_token_weight_end == 0.0
+    assert mixed.lora_lr_end is None
+    rising = parse([*argv, "--lora-lr-end", "3e-3"])
+    check_compress_args(rising)
+    assert CompressConfig(**config_fields(rising)).lora_lr_end == 3e-3
     with pytest.raises(SystemExit):
         parse([*argv, "--lora-schedule", "linear"])
     for bad in ("0", "half"):

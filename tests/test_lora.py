@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -512,24 +513,25 @@ def test_distilled_compress_learns_from_the_untouched_original(monkeypatch, loss
 
 @pytest.mark.parametrize("sparsity", [None, "unstructured"])
 def test_next_token_share_goes_in_a_straight_line_over_the_shots(monkeypatch, sparsity):
-    """lora_next_token_weight_end: shot t of T gets w + (w_end - w) (t - 1) / (T - 1), for structured
-    and sparsity shots alike, through compress (the oracle: that formula written out for T = 5)."""
+    """lora_next_token_weight_end: shot t of T gets w + (w_end - w) (t - 1) / (T - 1); lora_lr_end: the
+    rate lr (lr_end / lr) ** ((t - 1) / (T - 1)); for structured and sparsity shots alike, through
+    compress (the oracle: those formulas written out for T = 5)."""
     import surgeon_fx.passes.lora as lora
 
-    from surgeon_fx.shots import next_token_share
+    from surgeon_fx.shots import correction_rate, next_token_share
 
     seen = []
     real = lora.apply_low_rank_correction_
 
     def spy(gm, windows, **kw):
-        seen.append(kw["next_token_weight"])
+        seen.append((kw["next_token_weight"], kw["lr"]))
         return real(gm, windows, **kw)
 
     monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
     kw = dict(
         calibration=CALIB, method="surgeon", shots=5, lora_steps=1, lora_loss="distill+next_token", progress=False
     )
-    kw |= dict(lora_next_token_weight=0.6, lora_next_token_weight_end=0.0)
+    kw |= dict(lora_next_token_weight=0.6, lora_next_token_weight_end=0.0, lora_lr=1e-4, lora_lr_end=1e-2)
     ratio = 0.2
     if sparsity is not None:
         kw |= dict(sparsity=sparsity, sparsity_ratio=0.3)
@@ -537,12 +539,14 @@ def test_next_token_share_goes_in_a_straight_line_over_the_shots(monkeypatch, sp
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sf.compress(model, ratio, **kw)
-    assert seen == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0])
+    assert [w for w, _ in seen] == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0])
+    assert [lr for _, lr in seen] == pytest.approx([1e-4 * 100 ** (k / 4) for k in range(5)])  # geometric
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model unchanged
     cfg = sf.CompressConfig(
         ratio=0.2, method="surgeon", shots=1, lora_loss="distill+next_token", lora_next_token_weight_end=0.0
     )
     assert next_token_share(cfg, 1) == 0.5  # one shot: the start weight
+    assert correction_rate(dataclasses.replace(cfg, lora_lr_end=1.0), 1) == cfg.lora_lr  # and the start rate
     cfg = sf.CompressConfig(ratio=0.2, method="surgeon", shots=3, lora_loss="distill")
     assert next_token_share(cfg, 2) == 0.0  # pure distillation: no next-token share
 
@@ -622,6 +626,9 @@ def test_next_token_weight_one_trains_as_without_a_teacher():
         (dict(lora_steps=2, lora_loss="distill+next_token", lora_next_token_weight_end=-0.1), "_end"),
         (dict(lora_steps=2, lora_loss="distill+next_token", lora_next_token_weight_end=False), "_end"),
         (dict(lora_steps=2, lora_loss="distill", lora_next_token_weight_end=0.0), "no effect with lora_loss='distill'"),
+        (dict(lora_steps=2, lora_lr_end=0.0), "lora_lr_end"),
+        (dict(lora_steps=2, lora_lr_end="1e-3"), "lora_lr_end"),
+        (dict(lora_steps=2, lora_lr_end=True), "lora_lr_end"),
     ],
 )
 def test_bad_correction_options_are_refused(options, match):
