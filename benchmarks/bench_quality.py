@@ -105,31 +105,16 @@ def method_problem(method: str) -> str | None:
         return None
     if base not in CURVATURE_METHODS:
         return f"unknown method {base!r}; use one of {(*CURVATURE_METHODS, 'magnitude', 'torch_pruning')}"
-    fixed = {
-        "noupdate",
-        "true",
-        "none",
-        "columns",
-        "rows",
-        "both",
-        "all",
-        "consumers",
-        "nores",
-        "tf32",
-        "fp32",
-        "mixed",
-        "distill",
-        "distillnt",
-        "norms",
-        "cos",
-        "rfull",
-        "uniform",
-    }
+    fixed = {"noupdate", "true", "none", "columns", "rows", "both", "all", "consumers", "nores", "uniform"}
+    fixed |= {"tf32", "fp32", "mixed"}
     for o in opts:
-        head = next((h for h in ("ntwe", "ntw", "lre", "lr", "lb") if o.startswith(h)), o[:1])
-        number = o[len(head) :].replace(".", "", 1).replace("e-", "", 1)
-        if o in fixed or (head in ("d", "s", "l", "r", "lr", "lre", "lb", "h", "ntw", "ntwe") and number.isdigit()):
+        if o in fixed or (o[:1] in ("d", "s") and o[1:].replace(".", "", 1).replace("e-", "", 1).isdigit()):
             continue
+        try:  # the correction's options: one parser for the check and the run
+            if correction_variant(o):
+                continue
+        except ValueError:  # a malformed number, e.g. "lrx"
+            pass
         return f"{method!r}: unknown option {o!r} (see the variants listed in bench_quality.py)"
     return None
 

@@ -73,5 +73,15 @@ def test_quality_method_names_accept_every_correction_variant():
     ok += ("surgeon:s4:l32:lb8:r32:lr5e-4:ntw0.5:ntwe0.1", "surgeon:s4:l32:lr3e-4:lre1e-3:distillnt:ntwe0")
     for method in ok:
         assert problem(method) is None, method
-    for method in ("surgeon:ntw", "surgeon:ntwx", "surgeon:ntwe", "surgeon:lre", "surgeon:cosine", "surgeon:s4:distil"):
+    for method in (
+        "surgeon:ntw",
+        "surgeon:ntwx",
+        "surgeon:ntwe",
+        "surgeon:lre",
+        "surgeon:lrx",
+        "surgeon:l16x",
+        "surgeon:d",
+        "surgeon:cosine",
+        "surgeon:s4:distil",
+    ):
         assert "unknown option" in problem(method), method
