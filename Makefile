@@ -11,11 +11,16 @@ setup:
 demo: setup
 	$(PY) -m surgeon_fx.cli demo $(WIKI_FLAG)
 
+# pytest-xdist workers, one torch thread each: on 2 cores 1.7x faster than one process with two threads
+# (584 s against 1000 s for the whole suite); TEST_WORKERS=0 runs everything in one process
+TEST_WORKERS ?= 2
+TEST_ENV = $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1)
+
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint:
 	$(PY) -m ruff check surgeon_fx passes tests examples benchmarks
