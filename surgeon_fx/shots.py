@@ -229,11 +229,12 @@ def correction_rate(cfg, shot: int) -> float:
 def low_rank_correction_(
     gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True, teacher=None
 ):
-    """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, rate, batch size and precision
-    (seed + shot; the rate :func:`correction_rate`), distilled from ``teacher`` under ``cfg.lora_loss`` "distill" (half and half with the
-    next-token loss under "distill+next_token", its share :func:`next_token_share`), the last
-    ``cfg.lora_holdout`` windows held out as its guard, the 1-D parameters trained too under
-    ``cfg.lora_norms``; logs its training loss over the first and the last steps (and the held-out loss)."""
+    """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, batch size and precision (seed +
+    shot; the rate :func:`correction_rate`), distilled from ``teacher`` under ``cfg.lora_loss`` "distill"
+    (mixed with the next-token loss under "distill+next_token", its share :func:`next_token_share`), the
+    last ``cfg.lora_holdout`` windows held out as its guard, the 1-D parameters trained too under
+    ``cfg.lora_norms``; logs its training loss over the first and the last steps (and the held-out loss),
+    and the shot's rate and share when they follow a schedule over the shots."""
     if cfg.lora_loss != "next_token" and teacher is None:
         raise ValueError(f"lora_loss={cfg.lora_loss!r} needs the original model as teacher (compress passes it)")
     from .passes.lora import apply_low_rank_correction_
@@ -262,6 +263,12 @@ def low_rank_correction_(
     k = max(1, min(4, len(losses) // 2))  # steps see different windows: average a few at each end
     msg = "shot %d correction: %d steps, training loss %.4f (first %d) -> %.4f (last %d)"
     args = [shot, len(losses), sum(losses[:k]) / k, k, sum(losses[-k:]) / k, k]
+    if cfg.lora_lr_end is not None:
+        msg += ", lr %.3g"
+        args.append(correction_rate(cfg, shot))
+    if cfg.lora_next_token_weight_end is not None:
+        msg += ", next-token share %.3f"
+        args.append(next_token_share(cfg, shot))
     if holdout is not None:
         msg += ", held-out loss %.4f -> %.4f, %s"
         args += [done.holdout_before, done.holdout_after]

@@ -512,7 +512,7 @@ def test_distilled_compress_learns_from_the_untouched_original(monkeypatch, loss
 
 
 @pytest.mark.parametrize("sparsity", [None, "unstructured"])
-def test_next_token_share_goes_in_a_straight_line_over_the_shots(monkeypatch, sparsity):
+def test_next_token_share_goes_in_a_straight_line_over_the_shots(monkeypatch, caplog, sparsity):
     """lora_next_token_weight_end: shot t of T gets w + (w_end - w) (t - 1) / (T - 1); lora_lr_end: the
     rate lr (lr_end / lr) ** ((t - 1) / (T - 1)); for structured and sparsity shots alike, through
     compress (the oracle: those formulas written out for T = 5)."""
@@ -538,7 +538,9 @@ def test_next_token_share_goes_in_a_straight_line_over_the_shots(monkeypatch, sp
         ratio = 0.0
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sf.compress(model, ratio, **kw)
+    with caplog.at_level("INFO", logger="surgeon_fx"):
+        sf.compress(model, ratio, **kw)
+    assert "shot 2 correction:" in caplog.text and "lr 0.000316, next-token share 0.450" in caplog.text
     assert [w for w, _ in seen] == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0])
     assert [lr for _, lr in seen] == pytest.approx([1e-4 * 100 ** (k / 4) for k in range(5)])  # geometric
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model unchanged
