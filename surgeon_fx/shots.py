@@ -204,6 +204,12 @@ class _Clock:
         return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
 
 
+def _schedule_fraction(cfg, shot: int) -> float:
+    """How far shot ``shot`` (1-based, of ``cfg.shots``) lies along a schedule over the shots: 0 at the
+    first shot (and for a single shot), 1 at the last."""
+    return (shot - 1) / (cfg.shots - 1) if cfg.shots > 1 else 0.0
+
+
 def next_token_share(cfg, shot: int) -> float:
     """The next-token loss's share in shot ``shot``'s correction (1-based, of ``cfg.shots``): 0 unless
     ``cfg.lora_loss`` is "distill+next_token"; then ``cfg.lora_next_token_weight``, or, with
@@ -212,18 +218,18 @@ def next_token_share(cfg, shot: int) -> float:
     if cfg.lora_loss != "distill+next_token":
         return 0.0
     start, end = cfg.lora_next_token_weight, cfg.lora_next_token_weight_end
-    if end is None or cfg.shots == 1:
+    if end is None:
         return float(start)
-    return float(start + (end - start) * (shot - 1) / (cfg.shots - 1))
+    return float(start + (end - start) * _schedule_fraction(cfg, shot))
 
 
 def correction_rate(cfg, shot: int) -> float:
     """The correction's learning rate in shot ``shot`` (1-based, of ``cfg.shots``): ``cfg.lora_lr``, or,
     with ``cfg.lora_lr_end``, the geometric path from ``cfg.lora_lr`` at shot 1 to that rate at the last."""
     start, end = cfg.lora_lr, cfg.lora_lr_end
-    if end is None or cfg.shots == 1:
+    if end is None:
         return float(start)
-    return float(start * (end / start) ** ((shot - 1) / (cfg.shots - 1)))
+    return float(start * (end / start) ** _schedule_fraction(cfg, shot))
 
 
 def low_rank_correction_(
@@ -240,20 +246,21 @@ def low_rank_correction_(
     from .passes.lora import apply_low_rank_correction_
 
     held = cfg.lora_holdout
+    lr, share = correction_rate(cfg, shot), next_token_share(cfg, shot)
     train, holdout = (calibration[:-held], calibration[-held:]) if held else (calibration, None)
     done = apply_low_rank_correction_(
         gm,
         train,
         steps=cfg.lora_steps,
         rank=cfg.lora_rank,
-        lr=correction_rate(cfg, shot),
+        lr=lr,
         batch_size=cfg.lora_batch_size,
         micro_batch_size=cfg.batch_size,
         seed=cfg.seed + shot,
         keep_zeros=keep_zeros,
         precision=cfg.precision,
         teacher=teacher if cfg.lora_loss != "next_token" else None,
-        next_token_weight=next_token_share(cfg, shot),
+        next_token_weight=share,
         holdout=holdout,
         norms=cfg.lora_norms,
         schedule=cfg.lora_schedule,
@@ -265,10 +272,10 @@ def low_rank_correction_(
     args = [shot, len(losses), sum(losses[:k]) / k, k, sum(losses[-k:]) / k, k]
     if cfg.lora_lr_end is not None:
         msg += ", lr %.3g"
-        args.append(correction_rate(cfg, shot))
+        args.append(lr)
     if cfg.lora_next_token_weight_end is not None:
         msg += ", next-token share %.3f"
-        args.append(next_token_share(cfg, shot))
+        args.append(share)
     if holdout is not None:
         msg += ", held-out loss %.4f -> %.4f, %s"
         args += [done.holdout_before, done.holdout_after]
@@ -413,6 +420,21 @@ def curvature_and_costs(gm: fx.GraphModule, calibration, cfg, shot: int, *, prog
             clock("costs")
 
 
+CORRECTION_KEYS = (
+    "lora_steps",
+    "lora_rank",
+    "lora_lr",
+    "lora_lr_end",
+    "lora_loss",
+    "lora_batch_size",
+    "lora_holdout",
+    "lora_norms",
+    "lora_schedule",
+    "lora_next_token_weight",
+    "lora_next_token_weight_end",
+)
+"""The low-rank correction's options, which structured and sparsity checkpoints both record."""
+
 RUN_KEYS = (
     "ratio",
     "method",
@@ -428,17 +450,7 @@ RUN_KEYS = (
     "update",
     "sides",
     "rescale_norms",
-    "lora_steps",
-    "lora_rank",
-    "lora_lr",
-    "lora_lr_end",
-    "lora_loss",
-    "lora_batch_size",
-    "lora_holdout",
-    "lora_norms",
-    "lora_schedule",
-    "lora_next_token_weight",
-    "lora_next_token_weight_end",
+    *CORRECTION_KEYS,
 )
 """The options a structured checkpoint must share with the run that resumes it."""
 

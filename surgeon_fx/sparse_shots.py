@@ -82,6 +82,8 @@ def sparsity_checkpoint(checkpoint_dir: str | Path) -> Path:
 
 def _state_of(cfg) -> dict:
     """What a sparsity checkpoint must match to be resumed by this config."""
+    from .shots import CORRECTION_KEYS
+
     keys = (
         "sparsity",
         "method",
@@ -92,17 +94,7 @@ def _state_of(cfg) -> dict:
         "sparsity_band",
         "damping",
         "fisher",
-        "lora_steps",
-        "lora_rank",
-        "lora_lr",
-        "lora_lr_end",
-        "lora_loss",
-        "lora_batch_size",
-        "lora_holdout",
-        "lora_norms",
-        "lora_schedule",
-        "lora_next_token_weight",
-        "lora_next_token_weight_end",
+        *CORRECTION_KEYS,
     )
     return {k: getattr(cfg, k) for k in keys}
 
