@@ -157,14 +157,17 @@ class CompressConfig:
             with ``w = lora_next_token_weight`` at the first shot (``None``, default: ``w`` at every
             shot). ``0`` ends on pure distillation, for schedules where the mixed loss helps the mild
             early shots and distillation the severe late ones. On the H200
-            (``benchmarks/results/h200_session13/``, 20 shots, 0.5 -> 0 at lr 5e-4) it gave the best
-            50% measured, 68.47 (distilled 69.98; constant 0.5: 73.49), and 22.87 / 28.78 at 90 / 80%.
+            (``benchmarks/results/h200_session13/``, 20 shots, 0.5 -> 0 at lr 5e-4) it gave 68.47 at
+            50% (distilled 69.98; constant 0.5: 73.49), and 22.87 / 28.78 at 90 / 80%; with
+            ``lora_lr_end`` (below) 67.90.
         lora_lr_end: that correction's learning rate at the last shot, > 0: shot ``t`` of ``T`` then
             uses ``lora_lr * (lora_lr_end / lora_lr) ** ((t - 1) / (T - 1))``, a geometric path from
             ``lora_lr`` at the first shot (``None``, default: ``lora_lr`` at every shot). With
             ``lora_next_token_weight_end`` it lets the mixed loss run at its best rate on the early
             shots and distillation at its own on the late ones (H200, ``benchmarks/results/h200_session13/``:
-            the mixed loss best at lr 3e-4, distillation at 1e-3).
+            the mixed loss best at lr 3e-4, distillation at 1e-3). On the H200 (20 shots,
+            ``benchmarks/results/h200_session14/``) 3e-4 -> 1e-3 with the share 0.5 -> 0 gave 22.80 /
+            28.70 / 35.95 / 48.04 / 67.90 at 90-50%, the best 50% measured.
         lora_schedule: that correction's learning rate over each shot's steps: ``"constant"``
             (default) or ``"cosine"`` (from ``lora_lr`` down to 0 by the shot's last step;
             :func:`surgeon_fx.passes.lora.apply_low_rank_correction_`'s ``schedule``). No gain on
@@ -180,8 +183,10 @@ class CompressConfig:
             ``lora_rank="full"`` trains every remaining entry of the decoder weights directly (masked
             fine-tuning after sparsity shots) instead of a rank-limited update: three more float32
             copies of those weights in memory (the update, Adam's moments); use a lower ``lora_lr``.
-            On SmolLM2-135M it overfits the 128 calibration windows and is worse than rank 8
-            everywhere (``benchmarks/results/h200_session8/``).
+            On SmolLM2-135M with the next-token loss it overfits the 128 calibration windows and is
+            worse than rank 8 everywhere (``benchmarks/results/h200_session8/``); distilled it does
+            not: structured at lr 1e-4 (20 shots of 32 steps) it gave the best 70% measured, 35.60
+            (rank 32: 35.91), but 74.07 at 50% against 69.98 (``benchmarks/results/h200_session14/``).
         lora_loss: what that correction trains on: ``"next_token"`` (default; the cross-entropy of
             the calibration windows' next tokens, as the paper) or ``"distill"`` (the KL divergence
             from the original model's predictive distribution on the same windows; a frozen copy of
