@@ -52,7 +52,9 @@ def correction_variant(option: str) -> dict:
     ``"distillnt"``: on the mean of that loss and the next-token loss; ``"ntw0.25"``: on both, the
     next-token loss's share 0.25; ``"ntwe0"``: on both, that share going from the first shot's (0.5 or
     ``ntw``'s) to 0 at the last), ``"norms"`` (the 1-D parameters, norm scales and biases, trained
-    too), ``"cos"`` (its rate decays to 0 over each shot's steps by a cosine); ``{}`` for any other."""
+    too), ``"cos"`` (its rate decays to 0 over each shot's steps by a cosine), ``"ad32"`` (next-token
+    steps on the unpruned model before the first shot, which then also is the teacher; ``"adlr3e-4"``:
+    their rate); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
     if option == "distillnt":
@@ -71,6 +73,10 @@ def correction_variant(option: str) -> dict:
         return {"lora_holdout": int(option[1:])}
     if option.startswith("lb") and option[2:].isdigit():
         return {"lora_batch_size": int(option[2:])}
+    if option.startswith("adlr"):
+        return {"adapt_lr": float(option[4:])}
+    if option.startswith("ad") and option[2:].isdigit():
+        return {"adapt_steps": int(option[2:])}
     if option.startswith("lre"):
         return {"lora_lr_end": float(option[3:])}
     if option.startswith("lr"):

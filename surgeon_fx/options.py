@@ -40,6 +40,7 @@ def config_fields(args) -> dict:
         kw["lora_lr_end"] = args.lora_lr_end
     if args.lora_next_token_weight_end is not None:
         kw["lora_next_token_weight_end"] = args.lora_next_token_weight_end
+    kw |= {"adapt_steps": args.adapt_steps, "adapt_lr": args.adapt_lr, "adapt_rank": args.adapt_rank}
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -366,6 +367,15 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         "go in a straight line from --lora-next-token-weight (default: that weight at every shot; 0 ends on "
         "pure distillation)",
     )
+    c.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=0,
+        help="before the first shot, this many next-token correction steps on the unpruned model, merged: "
+        "the shots start from the adapted model and a distilled correction distils from it (default 0: none)",
+    )
+    c.add_argument("--adapt-lr", type=float, default=3e-4, help="that adaptation's Adam learning rate (default 3e-4)")
+    c.add_argument("--adapt-rank", type=_lora_rank, default=32, help="that adaptation's rank (default 32), or 'full'")
     c.add_argument(
         "--lora-schedule",
         default="constant",

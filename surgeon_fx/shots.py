@@ -232,6 +232,54 @@ def correction_rate(cfg, shot: int) -> float:
     return float(start * (end / start) ** _schedule_fraction(cfg, shot))
 
 
+def _correct(gm: fx.GraphModule, calibration, cfg, head: str, *, notes=(), progress=True, **options):
+    """:func:`~surgeon_fx.passes.lora.apply_low_rank_correction_` on ``calibration`` with ``cfg``'s batch
+    size and precision, its last ``cfg.lora_holdout`` windows held out as the guard, ``options`` for the
+    rest; logs ``head`` with the training loss over the first and the last steps, ``notes`` (``(format,
+    value)`` pairs) and the held-out loss. Returns the :class:`~surgeon_fx.passes.lora.Correction`."""
+    from .passes.lora import apply_low_rank_correction_
+
+    held = cfg.lora_holdout
+    train, holdout = (calibration[:-held], calibration[-held:]) if held else (calibration, None)
+    done = apply_low_rank_correction_(
+        gm,
+        train,
+        batch_size=cfg.lora_batch_size,
+        micro_batch_size=cfg.batch_size,
+        precision=cfg.precision,
+        holdout=holdout,
+        progress=progress,
+        **options,
+    )
+    losses = done.losses
+    k = max(1, min(4, len(losses) // 2))  # steps see different windows: average a few at each end
+    msg = head + ": %d steps, training loss %.4f (first %d) -> %.4f (last %d)"
+    args = [len(losses), sum(losses[:k]) / k, k, sum(losses[-k:]) / k, k]
+    for fmt, value in notes:
+        msg += ", " + fmt
+        args.append(value)
+    if holdout is not None:
+        msg += ", held-out loss %.4f -> %.4f, %s"
+        args += [done.holdout_before, done.holdout_after]
+        args += [f"merged the update after step {done.kept_step}" if done.kept else "not merged"]
+    log.info(msg, *args)
+    return done
+
+
+def adapt_(work: nn.Module, calibration, cfg, *, progress: bool = True):
+    """Adapt the unpruned ``work`` to the calibration text before the first shot: ``cfg.adapt_steps``
+    Adam steps of a rank-``cfg.adapt_rank`` correction on the next-token loss at ``cfg.adapt_lr``, merged
+    into ``work``'s weights (the correction's batch, precision and held-out guard, seed ``cfg.seed``);
+    logged like a shot's correction. Returns the :class:`~surgeon_fx.passes.lora.Correction`."""
+    from .passes import annotate_groups
+
+    gm = trace(work)  # shares work's parameters: the merged update is work's
+    annotate_groups(gm)
+    head = "adaptation of the unpruned model (next-token loss)"
+    opts = dict(steps=cfg.adapt_steps, rank=cfg.adapt_rank, lr=cfg.adapt_lr, seed=cfg.seed)
+    return _correct(gm, calibration, cfg, head, progress=progress, **opts)
+
+
 def low_rank_correction_(
     gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True, teacher=None
 ):
@@ -243,44 +291,27 @@ def low_rank_correction_(
     and the shot's rate and share when they follow a schedule over the shots."""
     if cfg.lora_loss != "next_token" and teacher is None:
         raise ValueError(f"lora_loss={cfg.lora_loss!r} needs the original model as teacher (compress passes it)")
-    from .passes.lora import apply_low_rank_correction_
-
-    held = cfg.lora_holdout
     lr, share = correction_rate(cfg, shot), next_token_share(cfg, shot)
-    train, holdout = (calibration[:-held], calibration[-held:]) if held else (calibration, None)
-    done = apply_low_rank_correction_(
+    notes = [("lr %.3g", lr)] if cfg.lora_lr_end is not None else []
+    if cfg.lora_next_token_weight_end is not None:
+        notes.append(("next-token share %.3f", share))
+    _correct(
         gm,
-        train,
+        calibration,
+        cfg,
+        f"shot {shot} correction",
+        notes=notes,
+        progress=progress,
         steps=cfg.lora_steps,
         rank=cfg.lora_rank,
         lr=lr,
-        batch_size=cfg.lora_batch_size,
-        micro_batch_size=cfg.batch_size,
         seed=cfg.seed + shot,
         keep_zeros=keep_zeros,
-        precision=cfg.precision,
         teacher=teacher if cfg.lora_loss != "next_token" else None,
         next_token_weight=share,
-        holdout=holdout,
         norms=cfg.lora_norms,
         schedule=cfg.lora_schedule,
-        progress=progress,
     )
-    losses = done.losses
-    k = max(1, min(4, len(losses) // 2))  # steps see different windows: average a few at each end
-    msg = "shot %d correction: %d steps, training loss %.4f (first %d) -> %.4f (last %d)"
-    args = [shot, len(losses), sum(losses[:k]) / k, k, sum(losses[-k:]) / k, k]
-    if cfg.lora_lr_end is not None:
-        msg += ", lr %.3g"
-        args.append(lr)
-    if cfg.lora_next_token_weight_end is not None:
-        msg += ", next-token share %.3f"
-        args.append(share)
-    if holdout is not None:
-        msg += ", held-out loss %.4f -> %.4f, %s"
-        args += [done.holdout_before, done.holdout_after]
-        args += [f"merged the update after step {done.kept_step}" if done.kept else "not merged"]
-    log.info(msg, *args)
 
 
 def sweep_curvature(
@@ -432,8 +463,12 @@ CORRECTION_KEYS = (
     "lora_schedule",
     "lora_next_token_weight",
     "lora_next_token_weight_end",
+    "adapt_steps",
+    "adapt_lr",
+    "adapt_rank",
 )
-"""The low-rank correction's options, which structured and sparsity checkpoints both record."""
+"""The low-rank correction's options (and the adaptation's before the first shot), which structured and
+sparsity checkpoints both record."""
 
 RUN_KEYS = (
     "ratio",
@@ -500,6 +535,9 @@ ADDED_LATER = {
     "lora_next_token_weight": 0.5,
     "lora_next_token_weight_end": None,
     "lora_lr_end": None,
+    "adapt_steps": 0,
+    "adapt_lr": 3e-4,
+    "adapt_rank": 32,
 }
 """Options added after checkpoints first recorded theirs, each with the value that does what a run
 before it did: a checkpoint that lacks one was written with that value."""

@@ -51,6 +51,8 @@ def test_correction_variants_map_to_compress_options():
         "ntw0.25": {"lora_loss": "distill+next_token", "lora_next_token_weight": 0.25},
         "ntwe0": {"lora_loss": "distill+next_token", "lora_next_token_weight_end": 0.0},
         "lre1e-3": {"lora_lr_end": 1e-3},
+        "ad32": {"adapt_steps": 32},
+        "adlr1e-3": {"adapt_lr": 1e-3},
         "s8": {},
         "band0.1": {},
     }

@@ -330,6 +330,14 @@ def test_correction_options_reach_the_config():
     rising = parse([*argv, "--lora-lr-end", "3e-3"])
     check_compress_args(rising)
     assert CompressConfig(**config_fields(rising)).lora_lr_end == 3e-3
+    adapt = parse([*argv, "--adapt-steps", "16", "--adapt-lr", "1e-3"])
+    check_compress_args(adapt)
+    adapt = CompressConfig(**config_fields(adapt))
+    assert (plain.adapt_steps, plain.adapt_lr, plain.adapt_rank) == (0, 3e-4, 32)
+    assert (adapt.adapt_steps, adapt.adapt_lr, adapt.adapt_rank) == (16, 1e-3, 32)
+    whole = parse([*argv, "--adapt-rank", "full"])
+    check_compress_args(whole)
+    assert CompressConfig(**config_fields(whole)).adapt_rank == "full"
     with pytest.raises(SystemExit):
         parse([*argv, "--lora-schedule", "linear"])
     for bad in ("0", "half"):

@@ -553,6 +553,52 @@ def test_next_token_share_goes_in_a_straight_line_over_the_shots(monkeypatch, ca
     assert next_token_share(cfg, 2) == 0.0  # pure distillation: no next-token share
 
 
+@pytest.mark.parametrize("sparsity", [None, "unstructured"])
+def test_adaptation_runs_before_the_first_shot_and_becomes_the_teacher(monkeypatch, caplog, sparsity):
+    """adapt_steps: the unpruned copy first gets that many next-token correction steps (rank adapt_rank,
+    rate adapt_lr, the correction's batch and seed, no teacher); the distilled shots then start from it
+    and distil from it. Oracle: the same pass run by hand on a fresh model gives the teacher's weights."""
+    import surgeon_fx.passes.lora as lora
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = tiny_model("llama")
+    gm = sf.trace(adapted)
+    annotate_groups(gm)
+    apply_low_rank_correction_(gm, CALIB, steps=3, rank=4, lr=1e-2, batch_size=2, micro_batch_size=2, progress=False)
+    want = {k.removeprefix("inner."): v for k, v in gm.state_dict().items()}
+    assert any(not torch.equal(v, before[k]) for k, v in want.items())  # the adaptation changed something
+
+    calls = []
+    real = lora.apply_low_rank_correction_
+
+    def spy(gm, windows, **kw):
+        teacher = kw.get("teacher")
+        teacher_sd = (
+            None if teacher is None else {k.removeprefix("inner."): v.clone() for k, v in teacher.state_dict().items()}
+        )
+        calls.append((kw["steps"], kw["rank"], kw["lr"], teacher_sd, kw.get("next_token_weight", 0.0)))
+        return real(gm, windows, **kw)
+
+    monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
+    kw = dict(calibration=CALIB, method="surgeon", shots=1, batch_size=2, lora_steps=1, lora_loss="distill")
+    kw |= dict(adapt_steps=3, adapt_rank=4, adapt_lr=1e-2, progress=False)
+    ratio = 0.2
+    if sparsity is not None:
+        kw |= dict(sparsity=sparsity, sparsity_ratio=0.3)
+        ratio = 0.0
+    with caplog.at_level("INFO", logger="surgeon_fx"):
+        sf.compress(model, ratio, **kw)
+    assert "adaptation of the unpruned model (next-token loss): 3 steps, training loss" in caplog.text
+    assert [c[:3] for c in calls] == [(3, 4, 1e-2), (1, 8, 3e-4)]  # the adaptation, then the shot's correction
+    assert calls[0][3] is None and calls[0][4] == 0.0  # the adaptation: next-token loss, no teacher
+    teacher = calls[1][3]
+    assert teacher.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(teacher[k], v, rtol=0, atol=0, msg=k)  # the teacher is the adapted model
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model unchanged
+
+
 def test_mixed_loss_is_the_weighted_sum_of_both():
     """next_token_weight w: the loss (value and gradient) is (1 - w) KL + w CE, each from its direct
     formula; at w = 1 it is the next-token loss alone and the teacher is never run."""
@@ -631,6 +677,12 @@ def test_next_token_weight_one_trains_as_without_a_teacher():
         (dict(lora_steps=2, lora_lr_end=0.0), "lora_lr_end"),
         (dict(lora_steps=2, lora_lr_end="1e-3"), "lora_lr_end"),
         (dict(lora_steps=2, lora_lr_end=True), "lora_lr_end"),
+        (dict(adapt_steps=-1), "adapt_steps"),
+        (dict(adapt_steps=1.5), "adapt_steps"),
+        (dict(adapt_steps=2, adapt_lr=0.0), "adapt_lr"),
+        (dict(adapt_steps=2, adapt_rank=0), "adapt_rank"),
+        (dict(adapt_steps=2, method="magnitude", calibration=None), "adapt_steps needs calibration"),
+        (dict(adapt_steps=2, lora_holdout=len(CALIB)), "lora_holdout"),
     ],
 )
 def test_bad_correction_options_are_refused(options, match):
