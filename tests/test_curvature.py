@@ -164,6 +164,32 @@ def test_surgeon_compress_runs_multi_shot_and_resumes(tmp_path):
         sf.compress(m, 0.4, calibration=calib, shots=2, damping=0.1, checkpoint_dir=str(ck), progress=False)
 
 
+def test_adapted_distilled_run_resumes_to_the_same_model(tmp_path):
+    """With adapt_steps the teacher is the adapted model: a run stopped after shot 1 and resumed from its
+    checkpoint (the adaptation run again for the teacher) ends where an uninterrupted run does; a
+    checkpoint of another adaptation is refused."""
+    m = tiny_model("llama")
+    calib = ids(4, 16, seed=5)
+    ck = tmp_path / "ck"
+    kw = dict(calibration=calib, shots=2, lora_steps=1, lora_loss="distill", progress=False)
+    kw |= dict(adapt_steps=2, adapt_rank=2, adapt_lr=1e-2, lora_lr=1e-2)
+    whole = sf.compress(m, 0.3, **kw)
+
+    def stop(shot, model, plan):
+        if shot == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sf.compress(m, 0.3, checkpoint_dir=str(ck), on_shot=stop, **kw)
+    again = sf.compress(m, 0.3, checkpoint_dir=str(ck), **kw)
+    x = ids(2, 9)
+    torch.testing.assert_close(logits(again, x), logits(whole, x))
+    plain = sf.compress(m, 0.3, **(kw | dict(adapt_steps=0)))
+    assert not torch.allclose(logits(plain, x), logits(whole, x))  # the adaptation made a difference
+    with pytest.raises(ValueError, match=r"differs in \['adapt_steps'\]"):
+        sf.compress(m, 0.3, checkpoint_dir=str(ck), **(kw | dict(adapt_steps=3)))
+
+
 def test_checkpoints_without_later_options_resume_as_their_defaults(tmp_path):
     """A checkpoint written before an option existed (its key missing) matches a run that keeps the
     option at the value that reproduces the old behaviour, and is refused otherwise."""
