@@ -513,6 +513,7 @@ def compress(
     progress: bool = True,
     on_shot=None,
     inplace: bool = False,
+    on_adapt=None,
     **options,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of its parameters physically removed.
@@ -536,6 +537,9 @@ def compress(
         progress: show progress bars (shots, curvature sweeps).
         on_shot: optional ``on_shot(shot, model, plan)`` called after every shot (after a sparsity
             shot: ``on_shot(shot, model, report)`` with a :class:`~surgeon_fx.sparse_shots.SparsityReport`).
+        on_adapt: optional ``on_adapt(model)`` called once with the adapted unpruned copy when
+            ``adapt_steps`` is set, before the first shot (e.g. to score the adapted dense model, the
+            reference the compressed one should be read against).
         inplace: compress ``model`` itself instead of a deep copy (the result is ``model``, with
             ``output="module"``): no second copy of the weights, for models that fit in memory only
             once (a 7B model in bfloat16 on one GPU). Same result as the copy; if the call fails,
@@ -586,6 +590,8 @@ def compress(
         from .shots import adapt_
 
         adapt_(work, calibration, cfg, progress=progress)
+        if on_adapt is not None:
+            on_adapt(work)
     teacher = None
     if cfg.lora_steps and cfg.lora_loss != "next_token":  # the (adapted) model's predictions, frozen before any shot
         teacher = trace(copy.deepcopy(work).requires_grad_(False))  # a graph: "mixed" rewrites it too

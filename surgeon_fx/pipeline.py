@@ -82,7 +82,15 @@ def _versions() -> dict:
     }
 
 
-def _compress_kwargs(args, checkpoint_dir: Path | None, on_shot, progress: bool) -> dict:
+def _points(state: dict) -> list[dict]:
+    """The run's perplexity points in order: dense, the adapted dense model (``--adapt-steps``), the shots."""
+    points = [state["points"][k] for k in sorted(state["points"], key=int)]
+    if state.get("adapted") is not None:
+        points.insert(1, state["adapted"])
+    return points
+
+
+def _compress_kwargs(args, checkpoint_dir: Path | None, on_shot, progress: bool, on_adapt=None) -> dict:
     """Options for ``compress`` that this version of it accepts (the API grows: shots, checkpoints, ...).
 
     ``checkpoint_dir`` is passed whenever this ``compress`` accepts it (with ``--sparsity`` too: the
@@ -103,6 +111,8 @@ def _compress_kwargs(args, checkpoint_dir: Path | None, on_shot, progress: bool)
         kw["progress"] = progress
     if "on_shot" in params and on_shot is not None:
         kw["on_shot"] = on_shot
+    if "on_adapt" in params and on_adapt is not None and kw.get("adapt_steps"):
+        kw["on_adapt"] = on_adapt
     if "inplace" in params:  # the command owns its model: no second copy of the weights
         kw["inplace"] = True
     return {k: v for k, v in kw.items() if k in fields or k in params}
@@ -257,7 +267,7 @@ def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
     if not main and rd.done("save") is not None:
         return rd.out  # rank 0 resumes after the compressed checkpoint: nothing left to compute together
     model, tok = timed("load", lambda: load_any(args.model, args.device))
-    needs_data = args.method != "magnitude" or args.lora_steps > 0
+    needs_data = args.method != "magnitude" or args.lora_steps > 0 or args.adapt_steps > 0
     needs_text = args.eval or needs_data
     if tok is None and needs_text:
         raise ValueError(f"{args.model} has no tokenizer; calibration and evaluation need one to read text")
@@ -304,8 +314,14 @@ def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
             point["perplexity"] = perplexity(m, windows)
             rd.save()
 
+    def on_adapt(m):  # the adapted dense model (--adapt-steps): the fairer reference for the result
+        if rd.state.get("adapted") is None:  # a resumed run adapts again (for its teacher): scored once
+            ppl = perplexity(m, windows) if args.eval else None
+            rd.state["adapted"] = {"label": "adapted", "parameters": count_parameters(m), "perplexity": ppl}
+            rd.save()
+
     if rd.done("save") is None:
-        kw = _compress_kwargs(args, ckpt, on_shot if main else None, progress=main)
+        kw = _compress_kwargs(args, ckpt, on_shot if main else None, progress=main, on_adapt=on_adapt if main else None)
         small = timed(
             "compress", lambda: api.compress(model, args.ratio, calibration=calibration, method=args.method, **kw)
         )
@@ -354,7 +370,8 @@ def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
         "compressed": comp,
         "sparsity": rd.state.get("sparsity"),
         "eval": rd.state.get("eval"),
-        "points": [rd.state["points"][k] for k in sorted(rd.state["points"], key=int)],
+        "adapted": rd.state.get("adapted"),
+        "points": _points(rd.state),
         "times": times,
         "versions": _versions(),
         "plan_summary": plan.summary(),

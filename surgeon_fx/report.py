@@ -217,6 +217,18 @@ def write_report(folder: str | os.PathLike, record: dict, widths: list[Width] | 
             ],
         ],
     )
+    adapted = record.get("adapted") or {}
+    if adapted.get("perplexity"):
+        ratio = (
+            f"; the compressed model is x{c['perplexity'] / adapted['perplexity']:.2f} of it"
+            if c.get("perplexity")
+            else ""
+        )
+        lines += [
+            "",
+            f"Dense model after the adaptation (`--adapt-steps`, before the first shot): perplexity "
+            f"{adapted['perplexity']:.3f}{ratio}.",
+        ]
     ckpt = record.get("checkpoint") or {}
     if ckpt:
         how = (

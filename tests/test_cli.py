@@ -137,6 +137,26 @@ def _interrupt_third_evaluation(monkeypatch) -> list:
     return calls
 
 
+def test_adaptation_is_scored_and_reported(src, tmp_path):
+    """--adapt-steps: calibration is read even for magnitude, the adapted dense model is scored once and
+    reported between the dense model and the shots, and report.md compares the result with it."""
+    out = tmp_path / "out"
+    extra = ["--method", "magnitude", "--adapt-steps", "2", "--adapt-lr", "1e-2", "--calib-windows", "4"]
+    assert main(compress_args(src, out, "--ratio", "0.3", "--export", "--calib-seq-len", "16", *extra)) == EXIT_OK
+    record = json.loads((out / "report.json").read_text())
+    labels = [p["label"] for p in record["points"]]
+    assert labels[:2] == ["dense", "adapted"] and labels[2:] == ["shot 1"]
+    adapted, dense = record["adapted"], record["dense"]
+    assert adapted["parameters"] == dense["parameters"] and adapted["perplexity"] > 1
+    assert adapted["perplexity"] != dense["perplexity"]  # the adaptation changed the dense model
+    assert record["settings"]["adapt_steps"] == 2
+    want = record["compressed"]["perplexity"] / adapted["perplexity"]
+    assert (
+        f"perplexity {adapted['perplexity']:.3f}; the compressed model is x{want:.2f} of it"
+        in (out / "report.md").read_text()
+    )
+
+
 def test_interrupted_multi_shot_run_resumes_from_its_last_shot(src, tmp_path, monkeypatch):
     """Ctrl-C while shot 2 is evaluated: the rerun continues with shot 3 from OUT.partial/shots/."""
     calls = _interrupt_third_evaluation(monkeypatch)

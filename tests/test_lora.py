@@ -587,8 +587,13 @@ def test_adaptation_runs_before_the_first_shot_and_becomes_the_teacher(monkeypat
     if sparsity is not None:
         kw |= dict(sparsity=sparsity, sparsity_ratio=0.3)
         ratio = 0.0
+    scored = []
     with caplog.at_level("INFO", logger="surgeon_fx"):
-        sf.compress(model, ratio, **kw)
+        sf.compress(
+            model, ratio, on_adapt=lambda m: scored.append({k: v.clone() for k, v in m.state_dict().items()}), **kw
+        )
+    assert len(scored) == 1 and scored[0].keys() == want.keys()  # on_adapt sees the adapted dense model, once
+    assert all(torch.equal(scored[0][k], v) for k, v in want.items())
     assert "adaptation of the unpruned model (next-token loss): 3 steps, training loss" in caplog.text
     assert [c[:3] for c in calls] == [(3, 4, 1e-2), (1, 8, 3e-4)]  # the adaptation, then the shot's correction
     assert calls[0][3] is None and calls[0][4] == 0.0  # the adaptation: next-token loss, no teacher
