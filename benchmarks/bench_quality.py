@@ -210,6 +210,7 @@ def main() -> int:
     for method in [] if args.speed_only else args.methods.split(","):
         rows = {}
         timing = None
+        adapted: list[float] = []  # the adapted dense model's PPL, with an ":ad<N>" variant
         shot_log: list[str] = []
         t0 = time.perf_counter()
         if device.type == "cuda":
@@ -314,6 +315,7 @@ def main() -> int:
                 shots=shots,
                 progress=False,
                 on_shot=on_shot,
+                on_adapt=lambda m, into=adapted: into.append(score_adapted(m, ev)),
                 **extra,
             )
             logging.getLogger("surgeon_fx").removeHandler(handler)
@@ -329,6 +331,7 @@ def main() -> int:
             "peak_gpu_gb": peak,
             "timing": timing,
             "shot_log": shot_log,
+            "adapted_ppl": adapted[0] if adapted else None,
         }
         save(out, result)
     result["versions"] = versions()
@@ -336,6 +339,13 @@ def main() -> int:
     save(out, result)
     print(markdown(result))
     return 0
+
+
+def score_adapted(model, ev) -> float:
+    """WikiText-2 perplexity of the adapted dense model (``compress``'s ``on_adapt``), printed."""
+    ppl = perplexity(model, ev, progress=False)
+    print(f"adapted dense: ppl {ppl:.3f}", flush=True)
+    return ppl
 
 
 def save(out: Path, result: dict) -> None:
@@ -396,6 +406,8 @@ def markdown(result: dict) -> str:
             lines.append(f"{method}: cut short (rows so far)")
             continue
         lines.append(f"{method}: total {res['total_s']:.0f}s, peak GPU memory {res['peak_gpu_gb']} GB")
+        if res.get("adapted_ppl"):
+            lines.append(f"  dense model after its adaptation (adapt_steps): PPL {res['adapted_ppl']:.2f}")
         if res.get("timing"):
             tm = res["timing"]
             stages = ", ".join(f"{k} {v:.1f}s" for k, v in tm["mean_stage_s"].items())

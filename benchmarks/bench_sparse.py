@@ -146,6 +146,7 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                 else:
                     raise SystemExit(f"unknown method variant {o!r} in {method!r}")
             shot_log: list[str] = []  # the per-shot correction lines (training / held-out loss)
+            adapted: list[float] = []  # the adapted dense model's PPL, with an ":ad<N>" variant
             handler = ShotLog(shot_log, echo=say)
             logging.getLogger("surgeon_fx").addHandler(handler)
             logging.getLogger("surgeon_fx").setLevel(logging.INFO)
@@ -159,6 +160,7 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                     shots=shots,
                     chunk_size=args.chunk_size,
                     progress=False,
+                    on_adapt=lambda m, into=adapted: into.append(perplexity(m, ev, progress=False)),
                     **kw,
                 )
             finally:
@@ -176,7 +178,10 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
                 "seconds": seconds,
                 "per_param": rep.per_param,
                 "shot_log": shot_log,
+                "adapted_ppl": adapted[0] if adapted else None,
             }
+            if adapted:
+                say(f"{pattern} {method}: the dense model after its adaptation (adapt_steps): ppl {adapted[0]:.3f}")
             say(
                 f"{pattern} {method}: ppl {ppl:.3f}, zero {100 * rep.reached:.2f}%, {seconds:.0f}s, nm violations {bad}"
             )
@@ -315,6 +320,12 @@ def markdown(r: dict) -> str:
                 for p, d in r["quality"].items()
                 for m, q in d.items()
             ),
+        ]
+        lines += [
+            f"{p}/{m}: dense model after its adaptation (adapt_steps) PPL {q['adapted_ppl']:.2f}"
+            for p, d in r["quality"].items()
+            for m, q in d.items()
+            if q.get("adapted_ppl")
         ]
     s = r.get("speed")
     if s:
