@@ -205,7 +205,8 @@ class CompressConfig:
             measured at lr 3e-4, 22.66 / 28.33, and was worse than ``"distill"`` below 80% at every
             rate tried (3e-4 to 1e-3).
         adapt_steps: before the first shot, this many Adam steps of the same kind of correction on the
-            unpruned model's next-token loss of the calibration windows, merged (0, default: none; needs calibration).
+            unpruned model's next-token loss of the calibration windows, merged (0, default: none;
+            needs calibration).
             The pruned model then starts from the adapted one, and a distilled correction
             (``lora_loss`` other than ``"next_token"``) distils from the adapted model instead of the
             original: the teacher carries the adaptation to the calibration text, and the student's
@@ -572,9 +573,10 @@ def compress(
     if method_needs_data or cfg.lora_steps or cfg.adapt_steps:
         if calibration is None:
             who = f"method {cfg.method!r}" if method_needs_data else "lora_steps" if cfg.lora_steps else "adapt_steps"
+            instead = "use method='magnitude'" if method_needs_data else f"leave {who} at 0"
             raise ValueError(
                 f"{who} needs calibration windows: pass calibration=surgeon_fx.data."
-                "calibration_windows('wiki', tokenizer, n=128, seq_len=2048), or use method='magnitude'"
+                f"calibration_windows('wiki', tokenizer, n=128, seq_len=2048), or {instead}"
             )
         calibration = check_calibration(calibration, vocab_size_of(model))
         if (cfg.lora_steps or cfg.adapt_steps) and cfg.lora_holdout >= len(calibration):
