@@ -1,8 +1,8 @@
 """How much does the unpruned model gain from the correction's next-token steps on the calibration text?
 
-Trains the low-rank correction (:func:`surgeon_fx.passes.lora.apply_low_rank_correction_`, the
-next-token loss, no teacher) on the dense model in rounds, merging after each as the shots do, and
-scores WikiText-2 after every round. A gain here is adaptation to the calibration text, not repair
+Runs the library's adaptation (:func:`surgeon_fx.shots.adapt_`, what ``compress(..., adapt_steps=N)``
+does before its first shot: the low-rank correction on the next-token loss, no teacher) on the dense
+model in rounds, merging after each, and scores WikiText-2 after every round. A gain here is adaptation to the calibration text, not repair
 of pruning damage: it says whether a teacher adapted first (distilling from it instead of the
 original) has room to help, and how many steps it takes before the calibration windows are overfit.
 
@@ -19,12 +19,11 @@ import time
 
 import torch
 from _env import artefact, machine, versions
-from surgeon_fx.passes import annotate_groups
-from surgeon_fx.passes.lora import apply_low_rank_correction_
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
 from surgeon_fx.models import load_model
+from surgeon_fx.shots import adapt_
 
 
 def main() -> int:
@@ -67,23 +66,20 @@ def main() -> int:
     t = time.perf_counter()
     result["rows"].append({"steps": 0, "ppl": perplexity(model, ev, progress=False)})
     print(f"dense: ppl {result['rows'][-1]['ppl']:.3f} ({time.perf_counter() - t:.1f}s)", flush=True)
-    gm = sf.trace(model)  # shares the model's parameters: the merged updates are the model's
-    annotate_groups(gm)
     done = 0
     for i, steps in enumerate(rounds):
         t = time.perf_counter()
-        corr = apply_low_rank_correction_(
-            gm,
-            calib,
-            steps=steps,
-            rank=args.rank,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            micro_batch_size=args.micro_batch_size,
+        cfg = sf.CompressConfig(
+            ratio=0.0,
+            adapt_steps=steps,
+            adapt_rank=args.rank,
+            adapt_lr=args.lr,
+            lora_batch_size=args.batch_size,
+            batch_size=args.micro_batch_size,
             precision=args.precision,
             seed=i,
-            progress=False,
         )
+        corr = adapt_(model, calib, cfg, progress=False)
         done += steps
         trained = time.perf_counter() - t
         ppl = perplexity(model, ev, progress=False)

@@ -111,7 +111,7 @@ def _compress_kwargs(args, checkpoint_dir: Path | None, on_shot, progress: bool,
         kw["progress"] = progress
     if "on_shot" in params and on_shot is not None:
         kw["on_shot"] = on_shot
-    if "on_adapt" in params and on_adapt is not None and kw.get("adapt_steps"):
+    if "on_adapt" in params and on_adapt is not None:
         kw["on_adapt"] = on_adapt
     if "inplace" in params:  # the command owns its model: no second copy of the weights
         kw["inplace"] = True
