@@ -543,11 +543,27 @@ ADDED_LATER = {
 before it did: a checkpoint that lacks one was written with that value."""
 
 
+def unused_options(options: dict) -> set[str]:
+    """The correction options in ``options`` that change nothing given the others: the low-rank
+    correction's when ``lora_steps`` is 0 (except its batch size and held-out guard, which an adaptation
+    uses too) and the adaptation's rate and rank when ``adapt_steps`` is 0."""
+    unused = set()
+    if not options.get("lora_steps"):
+        unused |= {k for k in CORRECTION_KEYS if k.startswith("lora_") and k != "lora_steps"}
+        if options.get("adapt_steps"):
+            unused -= {"lora_batch_size", "lora_holdout"}
+    if not options.get("adapt_steps"):
+        unused |= {"adapt_lr", "adapt_rank"}
+    return unused
+
+
 def refuse_other_run(what: str, ckpt: Path, saved: dict, want: dict) -> None:
     """Raise when the options ``saved`` with a checkpoint differ from this run's ``want`` (an option
-    missing from ``saved`` that is in :data:`ADDED_LATER` reads as its value there)."""
+    missing from ``saved`` that is in :data:`ADDED_LATER` reads as its value there; an option that
+    changes nothing in both runs, :func:`unused_options`, may differ)."""
     had = ADDED_LATER | saved
-    diff = sorted(k for k in want if had.get(k) != want[k])
+    free = unused_options(had) & unused_options(want)
+    diff = sorted(k for k in want if k not in free and had.get(k) != want[k])
     if diff:
         raise ValueError(
             f"the {what} in {ckpt} was written by another run (it differs in {diff}: "

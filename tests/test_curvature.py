@@ -217,6 +217,28 @@ def test_checkpoints_without_later_options_resume_as_their_defaults(tmp_path):
         refuse_other_run("checkpoint", tmp_path, old, {**old, "damping": 0.01})
 
 
+def test_options_that_change_nothing_may_differ_on_resume(tmp_path):
+    """The correction's options without correction steps, and the adaptation's without adaptation
+    steps, do not make a checkpoint another run's; once their steps are on they must match."""
+    from surgeon_fx.shots import refuse_other_run
+
+    base = {"ratio": 0.3, "lora_steps": 0, "lora_lr": 3e-4, "lora_rank": 32, "lora_batch_size": 8}
+    base |= {"adapt_steps": 0, "adapt_lr": 3e-4, "adapt_rank": 32}
+    refuse_other_run("checkpoint", tmp_path, base, {**base, "lora_lr": 1e-3, "lora_rank": "full"})
+    refuse_other_run("checkpoint", tmp_path, base, {**base, "adapt_lr": 1e-3, "adapt_rank": "full"})
+    with pytest.raises(ValueError, match=r"differs in \['lora_lr'\]"):
+        on = {**base, "lora_steps": 4}
+        refuse_other_run("checkpoint", tmp_path, on, {**on, "lora_lr": 1e-3})
+    with pytest.raises(ValueError, match=r"differs in \['adapt_rank'\]"):
+        on = {**base, "adapt_steps": 2}
+        refuse_other_run("checkpoint", tmp_path, on, {**on, "adapt_rank": "full"})
+    with pytest.raises(ValueError, match=r"differs in \['lora_batch_size'\]"):  # the adaptation's batch
+        on = {**base, "adapt_steps": 2}
+        refuse_other_run("checkpoint", tmp_path, on, {**on, "lora_batch_size": 4})
+    with pytest.raises(ValueError, match=r"differs in \['adapt_lr', 'adapt_steps'\]"):
+        refuse_other_run("checkpoint", tmp_path, base, {**base, "adapt_steps": 2, "adapt_lr": 1e-3})
+
+
 def test_calibration_errors_are_clear():
     m = tiny_model("llama")
     with pytest.raises(ValueError, match="needs calibration"):
