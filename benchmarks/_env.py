@@ -54,7 +54,7 @@ def correction_variant(option: str) -> dict:
     ``ntw``'s) to 0 at the last), ``"norms"`` (the 1-D parameters, norm scales and biases, trained
     too), ``"cos"`` (its rate decays to 0 over each shot's steps by a cosine), ``"ad32"`` (next-token
     steps on the unpruned model before the first shot, which then also is the teacher; ``"adlr3e-4"``:
-    their rate); ``{}`` for any other."""
+    their rate), ``"syn256"`` (256 windows of the teacher's own text trained on too); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
     if option == "distillnt":
@@ -73,6 +73,8 @@ def correction_variant(option: str) -> dict:
         return {"lora_holdout": int(option[1:])}
     if option.startswith("lb") and option[2:].isdigit():
         return {"lora_batch_size": int(option[2:])}
+    if option.startswith("syn") and option[3:].isdigit():
+        return {"lora_synthetic": int(option[3:])}
     if option.startswith("adlr"):
         return {"adapt_lr": float(option[4:])}
     if option.startswith("ad") and option[2:].isdigit():

@@ -276,7 +276,8 @@ def main() -> int:
             # ":distillnt" on the mean of that and the next-token loss, ":ntw0.25" on both with the next-token
             # share 0.25, ":ntwe0" that share going down to 0 by the last shot, ":norms" the 1-D parameters
             # trained too, ":cos" a cosine-decayed rate, ":ad32" 32 next-token steps on the unpruned model
-            # before the first shot, which is then the teacher too, ":adlr3e-4" their rate),
+            # before the first shot, which is then the teacher too, ":adlr3e-4" their rate, ":syn256" 256
+            # windows of the teacher's own text trained on too),
             # "surgeon:uniform" (same widths in every layer)
             base, *opts = method.split(":")
             extra = {

@@ -121,7 +121,7 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
             # variants: "surgeon:independent" (rows treated independently), "surgeon:layer" (same sparsity in every layer), "surgeon:bandnone" (unstructured:
             # one global threshold, no per-layer bounds; "surgeon:band0.2" other bounds), "surgeon:d0.1" (damping), "surgeon:s8"
             # (shots), "surgeon:noupdate" (no OBS update), "surgeon:l16" (16 low-rank correction steps after every
-            # shot, zeros kept; ":lr3e-4" its rate (":lre1e-3" the last shot's), ":r8" its rank (":rfull": masked fine-tuning), ":h8" held-out guard, ":distill" on the original's predictions, ":norms" 1-D parameters too, ":cos" cosine-decayed rate, ":ntw0.25" distilled + next-token at share 0.25, ":ntwe0" that share down to 0 by the last shot, ":ad32" next-token steps on the unpruned model first (then the teacher; ":adlr3e-4" their rate), ":b8"
+            # shot, zeros kept; ":lr3e-4" its rate (":lre1e-3" the last shot's), ":r8" its rank (":rfull": masked fine-tuning), ":h8" held-out guard, ":distill" on the original's predictions, ":norms" 1-D parameters too, ":cos" cosine-decayed rate, ":ntw0.25" distilled + next-token at share 0.25, ":ntwe0" that share down to 0 by the last shot, ":ad32" next-token steps on the unpruned model first (then the teacher; ":adlr3e-4" their rate), ":syn256" 256 windows of the teacher's own text trained on too, ":b8"
             # windows per step); combine them: "surgeon:layer:d0.1"
             base, *opts = method.split(":")
             kw = {"damping": args.damping, "sparsity_scope": args.scope, "precision": args.precision}

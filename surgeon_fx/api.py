@@ -226,6 +226,16 @@ class CompressConfig:
             best measured.
         adapt_lr, adapt_rank: that adaptation's Adam learning rate (default 3e-4) and rank (default
             32, or ``"full"``).
+        lora_synthetic: windows of the teacher's own text, sampled from it once before the first shot
+            and trained on by every shot's distilled correction besides the calibration windows (0,
+            default: none; needs ``lora_steps`` and ``lora_loss`` "distill" or "distill+next_token").
+            Each starts with the first 16 tokens of a calibration window and goes on by sampling from
+            the teacher (the adapted model with ``adapt_steps``) at temperature 1 to the calibration
+            windows' length (:func:`surgeon_fx.data.sample_windows`; a transformers model samples with
+            its key/value cache, ``8 * lora_batch_size`` windows at once). The teacher's predictions
+            on its own text are as much the teacher as on the calibration text, so the student
+            fits the teacher rather than 128 windows over many shots: data-free distillation (as
+            in LLM-QAT) against the overfitting of long runs.
     """
 
     ratio: float
@@ -268,6 +278,7 @@ class CompressConfig:
     adapt_steps: int = 0
     adapt_lr: float = 3e-4
     adapt_rank: int | str = 32
+    lora_synthetic: int = 0
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -421,6 +432,15 @@ class CompressConfig:
         rank = self.adapt_rank
         if rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"adapt_rank must be an int >= 1 or 'full' (train the weights themselves), got {rank!r}")
+        syn = self.lora_synthetic
+        if isinstance(syn, bool) or not isinstance(syn, int) or syn < 0:
+            raise ValueError(f"lora_synthetic must be an int >= 0 (windows the teacher writes; 0: none), got {syn!r}")
+        if syn and (not self.lora_steps or self.lora_loss == "next_token"):
+            raise ValueError(
+                "lora_synthetic windows are the teacher's own text for a distilled correction: set lora_steps > 0 "
+                f"and lora_loss='distill' or 'distill+next_token' (got lora_steps={self.lora_steps}, "
+                f"lora_loss={self.lora_loss!r}), or leave lora_synthetic at 0"
+            )
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "max_memory"))
             if self.method not in ("surgeon", "kobd", "lobd") or self.sparsity is not None:
@@ -603,8 +623,13 @@ def compress(
     teacher = None
     if cfg.lora_steps and cfg.lora_loss != "next_token":  # the (adapted) model's predictions, frozen before any shot
         teacher = trace(copy.deepcopy(work).requires_grad_(False))  # a graph: "mixed" rewrites it too
+    synthetic = None
+    if cfg.lora_synthetic:  # the teacher's own text, sampled from work (the teacher's weights, before any shot)
+        from .shots import synthetic_windows
+
+        synthetic = synthetic_windows(work, calibration, cfg, progress=progress)
     if cfg.sparsity is not None:
-        return _compress_sparse(work, calibration, cfg, progress, on_shot, teacher)
+        return _compress_sparse(work, calibration, cfg, progress, on_shot, teacher, synthetic)
     if cfg.method == "published":
         from .published import run_published_shots
 
@@ -612,7 +637,9 @@ def compress(
         work.surgeon_fx_plan = None
         return work
     try:
-        plan = run_shots(work, calibration, cfg, progress=progress, on_shot=on_shot, teacher=teacher)
+        plan = run_shots(
+            work, calibration, cfg, progress=progress, on_shot=on_shot, teacher=teacher, synthetic=synthetic
+        )
     except SurgeonError as e:
         if cfg.output == "module" and "does not match the rewritten graph" in str(e):
             raise SurgeonError(f"{e}. Pass output='graph' to get the rewritten GraphModule instead.") from e
@@ -626,7 +653,7 @@ def compress(
 
 
 def _compress_sparse(
-    work: nn.Module, calibration, cfg: CompressConfig, progress: bool, on_shot, teacher=None
+    work: nn.Module, calibration, cfg: CompressConfig, progress: bool, on_shot, teacher=None, synthetic=None
 ) -> nn.Module:
     """Structured shots (when ``ratio > 0``, on the module), then sparsity shots on the result."""
     import dataclasses
@@ -644,12 +671,20 @@ def _compress_sparse(
             progress=progress,
             on_shot=on_shot,
             teacher=teacher,
+            synthetic=synthetic,
         )
         del work._surgeon_fx_graph
     timings = work.__dict__.pop("_surgeon_fx_timings", [])
     sparse_ckpt = None if cfg.checkpoint_dir is None else sparsity_checkpoint(cfg.checkpoint_dir)
     report, gm = run_sparsity_shots(
-        work, calibration, cfg, progress=progress, on_shot=on_shot, checkpoint_dir=sparse_ckpt, teacher=teacher
+        work,
+        calibration,
+        cfg,
+        progress=progress,
+        on_shot=on_shot,
+        checkpoint_dir=sparse_ckpt,
+        teacher=teacher,
+        synthetic=synthetic,
     )
     if plan is None:  # nothing removed: the identity plan (sparsity changes no parameter count)
         total, linear = _counts(get_groups(gm))

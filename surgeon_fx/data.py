@@ -25,6 +25,7 @@ __all__ = [
     "token_windows",
     "calibration_windows",
     "eval_windows",
+    "sample_windows",
 ]
 
 WIKITEXT_ENV = "SURGEON_FX_WIKITEXT"
@@ -266,3 +267,98 @@ def eval_windows(tokenizer, text: str, *, seq_len: int, max_windows: int | None 
     if max_windows is not None:
         count = min(count, int(max_windows))
     return ids[: count * seq_len].reshape(count, seq_len).clone()
+
+
+def sample_windows(
+    model,
+    prompts: torch.Tensor,
+    length: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Windows of the model's own text: each row of ``prompts`` continued to ``length`` tokens by
+    sampling from ``model``'s predictive distribution (temperature 1, no top-k / top-p cut, the end of
+    text token never chosen before ``length``).
+
+    This is text for distillation that does not run out: the model's predictions on its own samples
+    are as much the model as its predictions on the calibration text, so a student distilled on both
+    fits the model rather than the calibration windows.
+
+    Args:
+        model: a causal language model mapping ids ``(B, T)`` to logits ``(B, T, vocab)`` (a tensor or an
+            object with ``.logits``); a transformers model samples through its ``generate`` (with its
+            key/value cache), any other module through a full forward per new token (slow).
+        prompts: int64 ``(n, p)`` ids that start the windows (e.g. the first tokens of calibration
+            windows), ``1 <= p < length``.
+        length: tokens per window.
+        seed: seed of the sampling (the global random state is left as it was).
+        batch_size: windows sampled together.
+        precision: ``"fp32"``, ``"tf32"`` or ``"mixed"`` (TF32 matmuls on CUDA for the last two).
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        int64 ``(n, length)`` ids on the CPU whose first ``p`` columns are ``prompts``.
+
+    Raises:
+        ValueError: bad prompts, ``length`` or ``batch_size``.
+    """
+    from tqdm.auto import tqdm
+
+    from .evaluate import _logits, _model_device
+    from .passes.curvature import sweep_precision
+    from .tracing import is_hf_model
+
+    bad = not isinstance(prompts, torch.Tensor) or prompts.ndim != 2 or 0 in prompts.shape
+    if bad or prompts.dtype.is_floating_point or prompts.dtype == torch.bool or prompts.min() < 0:
+        got = f"{prompts.dtype} {tuple(prompts.shape)}" if isinstance(prompts, torch.Tensor) else type(prompts).__name__
+        raise ValueError(f"prompts must be 2-D token ids (n, p) with n, p >= 1, got {got}")
+    if not isinstance(length, numbers.Integral) or length <= prompts.shape[1]:
+        raise ValueError(f"length must be an int above the prompt length {prompts.shape[1]}, got {length!r}")
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    device = _model_device(model)
+    hf = is_hf_model(model)
+    new = int(length) - prompts.shape[1]
+    out = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), sweep_precision(precision, device):
+        torch.manual_seed(seed)
+        for start in tqdm(
+            range(0, len(prompts), batch_size), desc="sampling windows", disable=not progress, leave=False
+        ):
+            ids = prompts[start : start + batch_size].long().to(device)
+            if hf and hasattr(model, "generate"):
+                ids = _generate(model, ids, new)
+            else:
+                for _ in range(new):
+                    probs = torch.softmax(_logits(model, ids, hf)[:, -1].float(), dim=-1)
+                    ids = torch.cat([ids, torch.multinomial(probs, 1)], dim=1)
+            out.append(ids.cpu())
+    return torch.cat(out)
+
+
+def _generate(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """``new`` sampled tokens after ``ids`` by a transformers model's ``generate`` (plain sampling)."""
+    from transformers import GenerationConfig
+
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
+    first = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new,
+        min_new_tokens=new,  # the end of text never ends a window early
+        eos_token_id=eos,
+        pad_token_id=first if first is not None else 0,
+    )
+    mask = torch.ones_like(ids)
+    got = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    if got.shape[1] != ids.shape[1] + new:  # pragma: no cover - generate stopped early
+        raise RuntimeError(f"generate returned {got.shape[1] - ids.shape[1]} new tokens, asked for {new}")
+    return got

@@ -41,6 +41,7 @@ def config_fields(args) -> dict:
     if args.lora_next_token_weight_end is not None:
         kw["lora_next_token_weight_end"] = args.lora_next_token_weight_end
     kw |= {"adapt_steps": args.adapt_steps, "adapt_lr": args.adapt_lr, "adapt_rank": args.adapt_rank}
+    kw["lora_synthetic"] = args.lora_synthetic
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -376,6 +377,15 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     )
     c.add_argument("--adapt-lr", type=float, default=3e-4, help="that adaptation's Adam learning rate (default 3e-4)")
     c.add_argument("--adapt-rank", type=_lora_rank, default=32, help="that adaptation's rank (default 32), or 'full'")
+    c.add_argument(
+        "--lora-synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with a distilled --lora-loss: N windows of the teacher's own text (each started by 16 tokens of a "
+        "calibration window, sampled at temperature 1), which every shot's correction trains on besides the "
+        "calibration windows (default 0: none)",
+    )
     c.add_argument(
         "--lora-schedule",
         default="constant",

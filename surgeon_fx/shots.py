@@ -72,7 +72,14 @@ def _counts(analysis) -> tuple[int, int]:
 
 
 def run_shots(
-    work: nn.Module, calibration: torch.Tensor | None, cfg, *, progress: bool = True, on_shot=None, teacher=None
+    work: nn.Module,
+    calibration: torch.Tensor | None,
+    cfg,
+    *,
+    progress: bool = True,
+    on_shot=None,
+    teacher=None,
+    synthetic=None,
 ) -> Plan:
     """Compress ``work`` in place over ``cfg.shots`` shots; return the composed plan.
 
@@ -83,6 +90,8 @@ def run_shots(
         progress: progress bars (shots and curvature sweeps).
         on_shot: optional callback ``on_shot(shot, model, plan)`` after every shot (e.g. evaluation).
         teacher: the frozen original model, for ``cfg.lora_loss`` other than ``"next_token"``.
+        synthetic: windows of the teacher's own text (:func:`synthetic_windows`) that the correction
+            trains on besides the calibration windows (``None``: none).
     """
     from .passes import annotate_groups, annotate_plan, annotate_scores, apply_plan, apply_plan_to_module_, get_groups
     from .passes.norms import rescale_norms_
@@ -158,7 +167,7 @@ def run_shots(
             annotate_groups(gm, on_unknown=cfg.on_unknown)
             clock("groups")
         if cfg.lora_steps:  # the paper's interleaved low-rank first-order correction; gm shares work's weights
-            low_rank_correction_(gm, calibration, cfg, t, progress=progress, teacher=teacher)
+            low_rank_correction_(gm, calibration, cfg, t, progress=progress, teacher=teacher, synthetic=synthetic)
             clock("lora")
         dt = time.perf_counter() - t0
         log.info(
@@ -232,15 +241,17 @@ def correction_rate(cfg, shot: int) -> float:
     return float(start * (end / start) ** _schedule_fraction(cfg, shot))
 
 
-def _correct(gm: fx.GraphModule, calibration, cfg, head: str, *, notes=(), progress=True, **options):
+def _correct(gm: fx.GraphModule, calibration, cfg, head: str, *, notes=(), progress=True, extra=None, **options):
     """:func:`~surgeon_fx.passes.lora.apply_low_rank_correction_` on ``calibration`` with ``cfg``'s batch
-    size and precision, its last ``cfg.lora_holdout`` windows held out as the guard, ``options`` for the
-    rest; logs ``head`` with the training loss over the first and the last steps, ``notes`` (``(format,
+    size and precision, its last ``cfg.lora_holdout`` windows held out as the guard, the windows
+    ``extra`` (if any) trained on too, ``options`` for the rest; logs ``head`` with the training loss over the first and the last steps, ``notes`` (``(format,
     value)`` pairs) and the held-out loss. Returns the :class:`~surgeon_fx.passes.lora.Correction`."""
     from .passes.lora import apply_low_rank_correction_
 
     held = cfg.lora_holdout
     train, holdout = (calibration[:-held], calibration[-held:]) if held else (calibration, None)
+    if extra is not None:
+        train = torch.cat([train, extra.to(train.device)])
     done = apply_low_rank_correction_(
         gm,
         train,
@@ -280,14 +291,60 @@ def adapt_(work: nn.Module, calibration, cfg, *, progress: bool = True):
     return _correct(gm, calibration, cfg, head, progress=progress, **opts)
 
 
+SYNTHETIC_PROMPT = 16
+"""Tokens of a calibration window that start each synthetic window (:func:`synthetic_windows`)."""
+
+
+def synthetic_windows(model: nn.Module, calibration: torch.Tensor, cfg, *, progress: bool = True) -> torch.Tensor:
+    """``cfg.lora_synthetic`` windows of ``model``'s own text for the distilled correction, as long as
+    the calibration windows: each starts with the first :data:`SYNTHETIC_PROMPT` tokens of a training
+    calibration window (in turn; the ``cfg.lora_holdout`` held-out ones never) and goes on by
+    sampling from ``model`` (:func:`surgeon_fx.data.sample_windows`, seed ``cfg.seed``, ``8 *
+    cfg.lora_batch_size`` windows at once, whose key/value caches are far smaller than a training
+    step's activations). Logged with the time it took."""
+    from .data import sample_windows
+
+    held = cfg.lora_holdout
+    train = calibration[:-held] if held else calibration
+    length = train.shape[1]
+    rows = torch.arange(cfg.lora_synthetic) % len(train)
+    prompts = train[rows, : min(SYNTHETIC_PROMPT, length - 1)]
+    t0 = time.perf_counter()
+    out = sample_windows(
+        model,
+        prompts,
+        length,
+        seed=cfg.seed,
+        batch_size=8 * cfg.lora_batch_size,
+        precision=cfg.precision,
+        progress=progress,
+    )
+    log.info(
+        "synthetic windows: %d of %d tokens sampled from the teacher in %.1f s",
+        len(out),
+        length,
+        time.perf_counter() - t0,
+    )
+    return out
+
+
 def low_rank_correction_(
-    gm: fx.GraphModule, calibration, cfg, shot: int, *, keep_zeros=False, progress=True, teacher=None
+    gm: fx.GraphModule,
+    calibration,
+    cfg,
+    shot: int,
+    *,
+    keep_zeros=False,
+    progress=True,
+    teacher=None,
+    synthetic=None,
 ):
     """Shot ``shot``'s low-rank correction with ``cfg``'s steps, rank, batch size and precision (seed +
     shot; the rate :func:`correction_rate`), distilled from ``teacher`` under ``cfg.lora_loss`` "distill"
     (mixed with the next-token loss under "distill+next_token", its share :func:`next_token_share`), the
     last ``cfg.lora_holdout`` windows held out as its guard, the 1-D parameters trained too under
-    ``cfg.lora_norms``; logs its training loss over the first and the last steps (and the held-out loss),
+    ``cfg.lora_norms``, the ``synthetic`` windows (the teacher's own text) trained on besides the
+    calibration windows; logs its training loss over the first and the last steps (and the held-out loss),
     and the shot's rate and share when they follow a schedule over the shots."""
     if cfg.lora_loss != "next_token" and teacher is None:
         raise ValueError(f"lora_loss={cfg.lora_loss!r} needs the original model as teacher (compress passes it)")
@@ -311,6 +368,7 @@ def low_rank_correction_(
         next_token_weight=share,
         norms=cfg.lora_norms,
         schedule=cfg.lora_schedule,
+        extra=synthetic,
     )
 
 
@@ -466,6 +524,7 @@ CORRECTION_KEYS = (
     "adapt_steps",
     "adapt_lr",
     "adapt_rank",
+    "lora_synthetic",
 )
 """The low-rank correction's options (and the adaptation's before the first shot), which structured and
 sparsity checkpoints both record."""
@@ -538,6 +597,7 @@ ADDED_LATER = {
     "adapt_steps": 0,
     "adapt_lr": 3e-4,
     "adapt_rank": 32,
+    "lora_synthetic": 0,
 }
 """Options added after checkpoints first recorded theirs, each with the value that does what a run
 before it did: a checkpoint that lacks one was written with that value."""

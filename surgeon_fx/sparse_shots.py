@@ -148,6 +148,7 @@ def run_sparsity_shots(
     on_shot=None,
     checkpoint_dir: str | Path | None = None,
     teacher=None,
+    synthetic=None,
 ) -> tuple[SparsityReport, fx.GraphModule]:
     """Sparsify ``work`` in place over ``cfg.shots`` shots.
 
@@ -164,6 +165,7 @@ def run_sparsity_shots(
             shot saved (the result equals an uninterrupted run's). A checkpoint of another
             sparsity, method, shot count, target, rows, scope, damping, Fisher or correction is refused.
         teacher: the frozen original model, for ``cfg.lora_loss`` other than ``"next_token"``.
+        synthetic: windows of the teacher's own text the correction trains on too (``None``: none).
 
     Returns:
         ``(report, gm)``: the :class:`SparsityReport` and the traced graph, whose parameters are
@@ -221,7 +223,9 @@ def run_sparsity_shots(
             apply_masks_(gm, update=update, damping=cfg.damping, chunk_size=cfg.chunk_size, rows=cfg.sparsity_rows)
         prior = gm.meta[MASKS].masks
         if cfg.lora_steps:  # the low-rank correction, masked so that every removed entry stays zero
-            low_rank_correction_(gm, calibration, cfg, t, keep_zeros=True, progress=progress, teacher=teacher)
+            low_rank_correction_(
+                gm, calibration, cfg, t, keep_zeros=True, progress=progress, teacher=teacher, synthetic=synthetic
+            )
         report = _report(work, params, name, cfg.method, target)
         if ckpt is not None:
             _save_shot(work, prior, t, cfg, ckpt)

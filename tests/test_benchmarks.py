@@ -53,6 +53,7 @@ def test_correction_variants_map_to_compress_options():
         "lre1e-3": {"lora_lr_end": 1e-3},
         "ad32": {"adapt_steps": 32},
         "adlr1e-3": {"adapt_lr": 1e-3},
+        "syn256": {"lora_synthetic": 256},
         "s8": {},
         "band0.1": {},
     }
@@ -60,7 +61,8 @@ def test_correction_variants_map_to_compress_options():
     for option, want in cases.items():
         assert variant(option) == want, option
         assert set(want) <= fields, option
-        CompressConfig(ratio=0.2, method="surgeon", **want)  # every value is one the config accepts
+        needs = {"lora_steps": 4, "lora_loss": "distill"} if "lora_synthetic" in want else {}
+        CompressConfig(ratio=0.2, method="surgeon", **needs, **want)  # every value is one the config accepts
 
 
 def test_quality_method_names_accept_every_correction_variant():

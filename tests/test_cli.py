@@ -358,6 +358,10 @@ def test_correction_options_reach_the_config():
     whole = parse([*argv, "--adapt-rank", "full"])
     check_compress_args(whole)
     assert CompressConfig(**config_fields(whole)).adapt_rank == "full"
+    assert CompressConfig(**config_fields(plain)).lora_synthetic == 0
+    syn = parse([*argv, "--lora-steps", "4", "--lora-loss", "distill", "--lora-synthetic", "64"])
+    check_compress_args(syn)
+    assert CompressConfig(**config_fields(syn)).lora_synthetic == 64
     with pytest.raises(SystemExit):
         parse([*argv, "--lora-schedule", "linear"])
     for bad in ("0", "half"):

@@ -730,3 +730,106 @@ def test_chunked_loss_equals_the_whole_loss_and_keeps_only_the_logits(monkeypatc
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
         lora._loss(logits.detach(), ids_, teacher, False)  # no gradient wanted: no checkpoint, nothing saved
     assert not saved
+
+
+class _Plain(torch.nn.Module):
+    """A transformers model behind a plain forward(ids) -> logits: sample_windows's loop path."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(input_ids=x, use_cache=False).logits
+
+
+def test_sampled_windows_follow_the_model():
+    """sample_windows continues every prompt by the model's own predictions. Oracle: with the output
+    layer scaled up (every distribution one-hot) each sampled token is the argmax of a full forward
+    of the window so far, through generate's key/value cache and through the loop of full forwards;
+    at temperature 1 both paths draw the same tokens from the same seed, the prompts are kept, the
+    seed sets the result and the caller's random state is left alone."""
+    from surgeon_fx.data import sample_windows
+
+    model = tiny_model("llama").eval()
+    prompts = ids(5, 3, seed=7)
+    peaked = tiny_model("llama").eval()
+    with torch.no_grad():
+        peaked.lm_head.weight.mul_(1e4)
+    for m in (peaked, _Plain(peaked)):
+        got = sample_windows(m, prompts, 12, seed=0, batch_size=2, progress=False)
+        assert got.shape == (5, 12) and got.dtype == torch.long and torch.equal(got[:, :3], prompts)
+        with torch.no_grad():
+            for t in range(3, 12):  # brute force: the argmax after each prefix
+                want = peaked(input_ids=got[:, :t], use_cache=False).logits[:, -1].argmax(-1)
+                assert torch.equal(got[:, t], want), t
+    state = torch.random.get_rng_state()
+    a = sample_windows(model, prompts, 12, seed=1, batch_size=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random state untouched
+    assert torch.equal(a, sample_windows(model, prompts, 12, seed=1, batch_size=2, progress=False))
+    assert torch.equal(a, sample_windows(_Plain(model), prompts, 12, seed=1, batch_size=2, progress=False))
+    assert not torch.equal(a, sample_windows(model, prompts, 12, seed=2, batch_size=2, progress=False))
+    assert a[:, 3:].unique().numel() > 10  # sampled, not the argmax
+    for bad, match in (
+        (dict(prompts=prompts.float()), "prompts must be 2-D token ids"),
+        (dict(prompts=prompts[0]), "prompts must be 2-D token ids"),
+        (dict(length=3), "length must be an int above the prompt length 3"),
+        (dict(batch_size=0), "batch_size must be an int >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sample_windows(**(dict(model=model, prompts=prompts, length=12, progress=False) | bad))
+
+
+@pytest.mark.parametrize("sparsity", [None, "2:4"])
+def test_synthetic_windows_join_every_shot_correction(monkeypatch, caplog, sparsity):
+    """lora_synthetic: the teacher (the adapted model here) writes that many windows once, each started
+    by 16 tokens of a training calibration window, and every shot's distilled correction trains on
+    the calibration windows followed by them (held-out windows neither prompt nor train). Oracle: the
+    windows equal sample_windows run by hand on the adapted model with the run's seed and batch."""
+    import surgeon_fx.passes.lora as lora
+
+    from surgeon_fx.data import sample_windows
+    from surgeon_fx.shots import adapt_
+
+    calib = ids(6, 20, seed=3)
+    kw = dict(method="surgeon", shots=2, batch_size=2, lora_steps=1, lora_loss="distill", lora_holdout=1, seed=4)
+    kw |= dict(adapt_steps=2, adapt_lr=1e-2, lora_synthetic=7)
+    ratio = 0.2
+    if sparsity is not None:
+        kw |= dict(sparsity=sparsity)
+        ratio = 0.0
+    cfg = sf.CompressConfig(ratio=ratio, **kw)
+    adapted = tiny_model("llama").eval()
+    adapt_(adapted, calib, cfg, progress=False)
+    prompts = calib[:5][torch.arange(7) % 5, :16]
+    want = sample_windows(adapted, prompts, 20, seed=4, batch_size=16, progress=False)
+
+    seen = []
+    real = lora.apply_low_rank_correction_
+
+    def spy(gm, windows, **kw):
+        seen.append((windows.clone(), kw.get("holdout"), kw.get("teacher") is not None))
+        return real(gm, windows, **kw)
+
+    monkeypatch.setattr(lora, "apply_low_rank_correction_", spy)
+    with caplog.at_level("INFO", logger="surgeon_fx"):
+        sf.compress(tiny_model("llama"), ratio, calibration=calib, progress=False, **kw)
+    assert "synthetic windows: 7 of 20 tokens sampled from the teacher" in caplog.text
+    adaptation, *shots = seen
+    assert torch.equal(adaptation[0], calib[:5]) and not adaptation[2]  # the adaptation: calibration only
+    assert len(shots) == 2
+    for windows, holdout, distilled in shots:
+        assert distilled and torch.equal(holdout, calib[5:])
+        assert torch.equal(windows, torch.cat([calib[:5], want]))
+
+
+def test_synthetic_windows_need_a_distilled_correction():
+    for bad, match in (
+        (dict(lora_synthetic=-1, lora_steps=2, lora_loss="distill"), "lora_synthetic must be an int >= 0"),
+        (dict(lora_synthetic=True, lora_steps=2, lora_loss="distill"), "lora_synthetic must be an int >= 0"),
+        (dict(lora_synthetic=4, lora_steps=0, lora_loss="distill"), "teacher's own text for a distilled correction"),
+        (dict(lora_synthetic=4, lora_steps=2), "lora_loss='next_token'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sf.CompressConfig(ratio=0.2, method="surgeon", **bad)
+    sf.CompressConfig(ratio=0.2, method="surgeon", lora_synthetic=4, lora_steps=2, lora_loss="distill+next_token")
