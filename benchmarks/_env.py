@@ -89,7 +89,8 @@ def correction_variant(option: str) -> dict:
 
 
 class ShotLog(logging.Handler):
-    """Keeps the per-shot log lines (stage timings) so a cut-short run still has them."""
+    """Keeps the per-shot log lines (stage timings) so a cut-short run still has them, and the lines of
+    what runs before the first shot (the adaptation, the synthetic windows)."""
 
     def __init__(self, lines: list[str], echo=None):
         super().__init__(logging.INFO)
@@ -98,6 +99,6 @@ class ShotLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        if msg.startswith("shot "):
+        if msg.startswith(("shot ", "adaptation ", "synthetic windows")):
             self.lines.append(msg)
             self.echo(msg)
