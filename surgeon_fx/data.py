@@ -295,7 +295,8 @@ def sample_windows(
             windows), ``1 <= p < length``.
         length: tokens per window.
         seed: seed of the sampling (the global random state is left as it was).
-        batch_size: windows sampled together.
+        batch_size: windows sampled together (the draws are batched: the same seed and batch size
+            give the same windows, another batch size other ones).
         precision: ``"fp32"``, ``"tf32"`` or ``"mixed"`` (TF32 matmuls on CUDA for the last two).
         progress: show a tqdm bar over the batches.
 
