@@ -241,15 +241,22 @@ def correction_rate(cfg, shot: int) -> float:
     return float(start * (end / start) ** _schedule_fraction(cfg, shot))
 
 
+def _split_holdout(calibration: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(train, holdout)``: the calibration windows the correction trains on, and its last
+    ``cfg.lora_holdout`` windows held out as its guard (``None`` without a guard)."""
+    held = cfg.lora_holdout
+    return (calibration[:-held], calibration[-held:]) if held else (calibration, None)
+
+
 def _correct(gm: fx.GraphModule, calibration, cfg, head: str, *, notes=(), progress=True, extra=None, **options):
     """:func:`~surgeon_fx.passes.lora.apply_low_rank_correction_` on ``calibration`` with ``cfg``'s batch
-    size and precision, its last ``cfg.lora_holdout`` windows held out as the guard, the windows
-    ``extra`` (if any) trained on too, ``options`` for the rest; logs ``head`` with the training loss over the first and the last steps, ``notes`` (``(format,
-    value)`` pairs) and the held-out loss. Returns the :class:`~surgeon_fx.passes.lora.Correction`."""
+    size and precision, its held-out guard split off (:func:`_split_holdout`), the windows ``extra``
+    (if any) trained on too, ``options`` for the rest; logs ``head`` with the training loss over the
+    first and the last steps, ``notes`` (``(format, value)`` pairs) and the held-out loss. Returns the
+    :class:`~surgeon_fx.passes.lora.Correction`."""
     from .passes.lora import apply_low_rank_correction_
 
-    held = cfg.lora_holdout
-    train, holdout = (calibration[:-held], calibration[-held:]) if held else (calibration, None)
+    train, holdout = _split_holdout(calibration, cfg)
     if extra is not None:
         train = torch.cat([train, extra.to(train.device)])
     done = apply_low_rank_correction_(
@@ -304,8 +311,7 @@ def synthetic_windows(model: nn.Module, calibration: torch.Tensor, cfg, *, progr
     step's activations). Logged with the time it took."""
     from .data import sample_windows
 
-    held = cfg.lora_holdout
-    train = calibration[:-held] if held else calibration
+    train, _ = _split_holdout(calibration, cfg)
     length = train.shape[1]
     rows = torch.arange(cfg.lora_synthetic) % len(train)
     prompts = train[rows, : min(SYNTHETIC_PROMPT, length - 1)]
