@@ -54,7 +54,8 @@ def correction_variant(option: str) -> dict:
     ``ntw``'s) to 0 at the last), ``"norms"`` (the 1-D parameters, norm scales and biases, trained
     too), ``"cos"`` (its rate decays to 0 over each shot's steps by a cosine), ``"ad32"`` (next-token
     steps on the unpruned model before the first shot, which then also is the teacher; ``"adlr3e-4"``:
-    their rate), ``"syn256"`` (256 windows of the teacher's own text trained on too); ``{}`` for any other."""
+    their rate), ``"syn256"`` (256 windows of the teacher's own text trained on too; ``"synb256"``:
+    sampled 256 at a time); ``{}`` for any other."""
     if option == "distill":
         return {"lora_loss": "distill"}
     if option == "distillnt":
@@ -75,6 +76,8 @@ def correction_variant(option: str) -> dict:
         return {"lora_batch_size": int(option[2:])}
     if option.startswith("syn") and option[3:].isdigit():
         return {"lora_synthetic": int(option[3:])}
+    if option.startswith("synb") and option[4:].isdigit():
+        return {"lora_synthetic_batch_size": int(option[4:])}
     if option.startswith("adlr"):
         return {"adapt_lr": float(option[4:])}
     if option.startswith("ad") and option[2:].isdigit():
@@ -102,3 +105,34 @@ class ShotLog(logging.Handler):
         if msg.startswith(("shot ", "adaptation ", "synthetic windows")):
             self.lines.append(msg)
             self.echo(msg)
+
+
+def synthetic_cache(folder: str | None, model: str, calibration: torch.Tensor, ratio: float, options: dict, say=print):
+    """``compress`` keywords that share one run's synthetic windows (``lora_synthetic``) with the others:
+    ``{"synthetic": windows}`` when ``folder`` holds windows sampled with the same teacher and sampling
+    options (:func:`surgeon_fx.shots.synthetic_key`, plus ``model``, the ``--model`` argument), else
+    ``{"on_synthetic": save}``, which writes them there (atomically) once sampled. ``{}`` without
+    ``folder`` or synthetic windows. ``ratio`` and ``options`` are ``compress``'s."""
+    import hashlib
+    import json
+
+    from surgeon_fx.shots import synthetic_key
+
+    if not folder or not options.get("lora_synthetic"):
+        return {}
+    cfg = sf.CompressConfig(ratio=ratio, **options)
+    key = synthetic_key(calibration, cfg) | {"model": str(model)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(folder) / f"synthetic_{cfg.lora_synthetic}_{digest}.pt"
+    if path.is_file():
+        say(f"synthetic windows: {cfg.lora_synthetic} read from {path} (sampled by an earlier run; key {key})")
+        return {"synthetic": torch.load(path, weights_only=True)}
+
+    def save(windows: torch.Tensor) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        torch.save(windows, tmp)
+        tmp.replace(path)
+        say(f"synthetic windows saved to {path}")
+
+    return {"on_synthetic": save}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _env import ShotLog, artefact, correction_variant, machine, versions
+from _env import ShotLog, artefact, correction_variant, machine, synthetic_cache, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -151,6 +151,11 @@ def main() -> int:
         "--dense-lora-steps", type=int, default=0, help="also score the dense model after this many correction steps"
     )
     ap.add_argument("--dense-lora-lr", type=float, default=3e-4, help="their learning rate (default 3e-4)")
+    ap.add_argument(
+        "--synthetic-cache",
+        default=None,
+        help="folder where runs with the same teacher share their synthetic windows (':syn<N>' variants)",
+    )
     ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
     args = ap.parse_args()
     for method in args.methods.split(","):
@@ -307,17 +312,17 @@ def main() -> int:
                     extra["kinds"] = tuple(k for k in kinds if k != "residual")
                 elif o in ("tf32", "fp32", "mixed"):
                     extra["precision"] = o
+            opts = dict(method=base, basis="linear", shots=shots, **extra)
+            cache = synthetic_cache(args.synthetic_cache, args.model, calib, 1 - targets[-1], opts)
             small = sf.compress(
                 model,
                 1 - targets[-1],
                 calibration=calib,
-                method=base,
-                basis="linear",
-                shots=shots,
                 progress=False,
                 on_shot=on_shot,
                 on_adapt=lambda m, into=adapted: into.append(score_adapted(m, ev)),
-                **extra,
+                **opts,
+                **cache,
             )
             logging.getLogger("surgeon_fx").removeHandler(handler)
             timings = getattr(small, "surgeon_fx_timings", None)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from _env import ShotLog, artefact, correction_variant, machine, versions
+from _env import ShotLog, artefact, correction_variant, machine, synthetic_cache, versions
 
 import surgeon_fx as sf
 from surgeon_fx.evaluate import perplexity
@@ -151,17 +151,16 @@ def quality(model, calib, ev, args, on_cell=None) -> dict:
             logging.getLogger("surgeon_fx").addHandler(handler)
             logging.getLogger("surgeon_fx").setLevel(logging.INFO)
             try:
+                opts = dict(sparsity=pattern, method=base, shots=shots, chunk_size=args.chunk_size, **kw)
+                cache = synthetic_cache(args.synthetic_cache, args.model, calib, 0.0, opts, say=say)
                 sparse = sf.compress(
                     model,
                     0.0,
                     calibration=calib,
-                    sparsity=pattern,
-                    method=base,
-                    shots=shots,
-                    chunk_size=args.chunk_size,
                     progress=False,
                     on_adapt=lambda m, into=adapted: into.append(perplexity(m, ev, progress=False)),
-                    **kw,
+                    **opts,
+                    **cache,
                 )
             finally:
                 logging.getLogger("surgeon_fx").removeHandler(handler)
@@ -370,6 +369,11 @@ def main() -> int:
     )
     ap.add_argument("--scope", default="global", choices=("global", "layer"), help="surgeon sparsity_scope")
     ap.add_argument("--chunk-size", type=int, default=2048, help="surgeon: weights solved jointly (GPU: 2048)")
+    ap.add_argument(
+        "--synthetic-cache",
+        default=None,
+        help="folder where runs with the same teacher share their synthetic windows (':syn<N>' variants)",
+    )
     ap.add_argument("--calib-pt"), ap.add_argument("--eval-pt")
     ap.add_argument("--calib-n", type=int, default=128), ap.add_argument("--calib-len", type=int, default=2048)
     ap.add_argument("--eval-len", type=int, default=2048), ap.add_argument("--eval-windows", type=int, default=0)

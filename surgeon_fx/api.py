@@ -232,7 +232,7 @@ class CompressConfig:
             Each starts with the first 16 tokens of a calibration window and goes on by sampling from
             the teacher (the adapted model with ``adapt_steps``) at temperature 1 to the calibration
             windows' length (:func:`surgeon_fx.data.sample_windows`; a transformers model samples with
-            its key/value cache, ``8 * lora_batch_size`` windows at once). The teacher's predictions
+            its key/value cache, ``lora_synthetic_batch_size`` windows at once). The teacher's predictions
             on its own text are as much the teacher as on the calibration text, so the student
             fits the teacher rather than 128 windows over many shots: data-free distillation (as
             in LLM-QAT) against the overfitting of long runs. CPU, SmolLM2-135M, 16 windows of 256
@@ -243,7 +243,12 @@ class CompressConfig:
             such windows with 32 adaptation steps and the full-rank distilled correction at lr 1e-4
             (20 shots) gave 22.24 / 26.89 / 32.22 / 42.11 / 58.21 at 90-50%, the best at 80-50%
             measured (without them 22.20 / 27.33 / 35.15 / 49.32 / 83.97), and unstructured 50%
-            28.58 (without: 28.88); sampling them took 540 s on a shared GPU.
+            28.58 (without: 28.88); sampling them took 540 s on a shared GPU. With ``checkpoint_dir``
+            they are kept there for a resumed run; ``compress(synthetic=...)`` takes them given.
+        lora_synthetic_batch_size: how many of those windows are sampled at once (``None``, default:
+            ``8 * lora_batch_size``). Each batch takes one model call per token, so larger batches
+            sample faster where memory allows (their key/value caches grow with it); other values
+            sample other windows (same seed and batch size, same windows).
     """
 
     ratio: float
@@ -287,6 +292,7 @@ class CompressConfig:
     adapt_lr: float = 3e-4
     adapt_rank: int | str = 32
     lora_synthetic: int = 0
+    lora_synthetic_batch_size: int | None = None
 
     def __post_init__(self):
         from surgeon_fx.passes.plan import _check_ratio
@@ -449,6 +455,12 @@ class CompressConfig:
                 f"and lora_loss='distill' or 'distill+next_token' (got lora_steps={self.lora_steps}, "
                 f"lora_loss={self.lora_loss!r}), or leave lora_synthetic at 0"
             )
+        sb = self.lora_synthetic_batch_size
+        if sb is not None and (isinstance(sb, bool) or not isinstance(sb, int) or sb < 1):
+            raise ValueError(
+                f"lora_synthetic_batch_size must be an int >= 1 (windows sampled at once) or None "
+                f"(8 x lora_batch_size), got {sb!r}"
+            )
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, "max_memory"))
             if self.method not in ("surgeon", "kobd", "lobd") or self.sparsity is not None:
@@ -549,6 +561,8 @@ def compress(
     on_shot=None,
     inplace: bool = False,
     on_adapt=None,
+    synthetic=None,
+    on_synthetic=None,
     **options,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of its parameters physically removed.
@@ -575,6 +589,14 @@ def compress(
         on_adapt: optional ``on_adapt(model)`` called once with the adapted unpruned copy when
             ``adapt_steps`` is set, before the first shot (e.g. to score the adapted dense model, the
             reference the compressed one should be read against).
+        synthetic: ``lora_synthetic``'s windows of the teacher's own text, given instead of sampled: an
+            (M, L) int64 tensor of token ids as long as the calibration windows, e.g. what
+            ``on_synthetic`` received in an earlier run with the same teacher (the same model,
+            calibration and adaptation options), to spare the sampling. ``lora_synthetic`` may be
+            left at 0 (it becomes M) or must equal M; needs a distilled correction like it.
+        on_synthetic: optional ``on_synthetic(windows)`` called once with the synthetic windows, when
+            ``lora_synthetic`` samples them (or reads them back from ``checkpoint_dir``), before the
+            first shot.
         inplace: compress ``model`` itself instead of a deep copy (the result is ``model``, with
             ``output="module"``): no second copy of the weights, for models that fit in memory only
             once (a 7B model in bfloat16 on one GPU). Same result as the copy; if the call fails,
@@ -597,6 +619,18 @@ def compress(
     fields = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
     fields.update(options)
     fields["ratio"] = ratio
+    if synthetic is not None:
+        if not isinstance(synthetic, torch.Tensor) or synthetic.dim() != 2 or len(synthetic) == 0:
+            raise ValueError(
+                "synthetic must be a non-empty (M, L) tensor of token ids (the windows on_synthetic received in "
+                f"an earlier run), got {type(synthetic).__name__} {tuple(getattr(synthetic, 'shape', ()))}"
+            )
+        if fields.get("lora_synthetic", 0) not in (0, len(synthetic)):
+            raise ValueError(
+                f"lora_synthetic={fields['lora_synthetic']} but synthetic holds {len(synthetic)} windows; "
+                "leave lora_synthetic at 0 (it then counts the windows given) or make them agree"
+            )
+        fields["lora_synthetic"] = len(synthetic)
     if method is not None:
         fields["method"] = method
     elif config is None and calibration is not None:
@@ -618,6 +652,16 @@ def compress(
                 f"lora_holdout={cfg.lora_holdout} holds out every one of the {len(calibration)} calibration "
                 "windows: the correction needs at least one to train on; lower lora_holdout or pass more windows"
             )
+        if synthetic is not None:
+            if synthetic.dtype not in (torch.int64, torch.int32) or synthetic.shape[1] != calibration.shape[1]:
+                raise ValueError(
+                    f"synthetic windows must be int64 token ids as long as the calibration windows (L = "
+                    f"{calibration.shape[1]}), got {synthetic.dtype} {tuple(synthetic.shape)}"
+                )
+            vocab = vocab_size_of(model)
+            if vocab is not None and (int(synthetic.min()) < 0 or int(synthetic.max()) >= vocab):
+                raise ValueError(f"synthetic holds token ids outside [0, {vocab}); were they sampled from this model?")
+            synthetic = synthetic.long()
     torch.manual_seed(cfg.seed)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
@@ -631,11 +675,12 @@ def compress(
     teacher = None
     if cfg.lora_steps and cfg.lora_loss != "next_token":  # the (adapted) model's predictions, frozen before any shot
         teacher = trace(copy.deepcopy(work).requires_grad_(False))  # a graph: "mixed" rewrites it too
-    synthetic = None
-    if cfg.lora_synthetic:  # the teacher's own text, sampled from work (the teacher's weights, before any shot)
-        from .shots import synthetic_windows
+    if cfg.lora_synthetic and synthetic is None:  # the teacher's own text, from work (the teacher's weights)
+        from .shots import teacher_windows
 
-        synthetic = synthetic_windows(work, calibration, cfg, progress=progress)
+        synthetic = teacher_windows(work, calibration, cfg, progress=progress)
+        if on_synthetic is not None:
+            on_synthetic(synthetic)
     if cfg.sparsity is not None:
         return _compress_sparse(work, calibration, cfg, progress, on_shot, teacher, synthetic)
     if cfg.method == "published":

@@ -42,6 +42,8 @@ def config_fields(args) -> dict:
         kw["lora_next_token_weight_end"] = args.lora_next_token_weight_end
     kw |= {"adapt_steps": args.adapt_steps, "adapt_lr": args.adapt_lr, "adapt_rank": args.adapt_rank}
     kw["lora_synthetic"] = args.lora_synthetic
+    if args.lora_synthetic_batch_size is not None:
+        kw["lora_synthetic_batch_size"] = args.lora_synthetic_batch_size
     if args.sparsity is not None:
         kw |= {"sparsity": args.sparsity, "sparsity_scope": args.sparsity_scope, "chunk_size": args.chunk_size}
         kw["sparsity_rows"] = args.sparsity_rows
@@ -385,6 +387,14 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         help="with a distilled --lora-loss: N windows of the teacher's own text (each started by 16 tokens of a "
         "calibration window, sampled at temperature 1), which every shot's correction trains on besides the "
         "calibration windows (default 0: none)",
+    )
+    c.add_argument(
+        "--lora-synthetic-batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="those windows sampled B at a time (default 8 x --lora-batch-size); larger is faster where the "
+        "key/value caches fit",
     )
     c.add_argument(
         "--lora-schedule",

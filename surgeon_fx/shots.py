@@ -306,9 +306,9 @@ def synthetic_windows(model: nn.Module, calibration: torch.Tensor, cfg, *, progr
     """``cfg.lora_synthetic`` windows of ``model``'s own text for the distilled correction, as long as
     the calibration windows: each starts with the first :data:`SYNTHETIC_PROMPT` tokens of a training
     calibration window (in turn; the ``cfg.lora_holdout`` held-out ones never) and goes on by
-    sampling from ``model`` (:func:`surgeon_fx.data.sample_windows`, seed ``cfg.seed``, ``8 *
-    cfg.lora_batch_size`` windows at once, whose key/value caches are far smaller than a training
-    step's activations). Logged with the time it took."""
+    sampling from ``model`` (:func:`surgeon_fx.data.sample_windows`, seed ``cfg.seed``,
+    ``cfg.lora_synthetic_batch_size`` windows at once, by default ``8 * cfg.lora_batch_size``, whose
+    key/value caches are far smaller than a training step's activations). Logged with the time it took."""
     from .data import sample_windows
 
     train, _ = _split_holdout(calibration, cfg)
@@ -321,7 +321,7 @@ def synthetic_windows(model: nn.Module, calibration: torch.Tensor, cfg, *, progr
         prompts,
         length,
         seed=cfg.seed,
-        batch_size=8 * cfg.lora_batch_size,
+        batch_size=cfg.lora_synthetic_batch_size or 8 * cfg.lora_batch_size,
         precision=cfg.precision,
         progress=progress,
     )
@@ -332,6 +332,51 @@ def synthetic_windows(model: nn.Module, calibration: torch.Tensor, cfg, *, progr
         time.perf_counter() - t0,
     )
     return out
+
+
+SYNTHETIC_FILE = "synthetic.pt"
+"""Where a run with ``checkpoint_dir`` keeps its synthetic windows (:func:`teacher_windows`)."""
+
+
+def synthetic_key(calibration: torch.Tensor, cfg) -> dict:
+    """What the synthetic windows depend on besides the model: the options of the adaptation (the
+    teacher) and of the sampling, and the calibration windows (their SHA-256)."""
+    import hashlib
+
+    keys = ("seed", "precision", "batch_size", "lora_batch_size", "lora_holdout", "lora_synthetic")
+    keys += ("lora_synthetic_batch_size",)
+    keys += ("adapt_steps", "adapt_lr", "adapt_rank")
+    digest = hashlib.sha256(calibration.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {k: getattr(cfg, k) for k in keys} | {"calibration": f"{tuple(calibration.shape)} {digest}"}
+
+
+def teacher_windows(model: nn.Module, calibration: torch.Tensor, cfg, *, progress: bool = True) -> torch.Tensor:
+    """:func:`synthetic_windows`, kept in ``cfg.checkpoint_dir`` (:data:`SYNTHETIC_FILE`, written
+    atomically) when the run has one: a resumed run reads them back instead of sampling again, if they
+    were sampled with the same options and calibration windows (:func:`synthetic_key`); otherwise it
+    samples and replaces the file. Under ``torch.distributed`` rank 0 samples (and reads and writes the
+    file) and every rank trains on its windows (:func:`surgeon_fx.launch.from_rank0`)."""
+    from .launch import from_rank0
+
+    path = Path(cfg.checkpoint_dir) / SYNTHETIC_FILE if cfg.checkpoint_dir else None
+
+    def sample():
+        if path is None:
+            return synthetic_windows(model, calibration, cfg, progress=progress)
+        key = synthetic_key(calibration, cfg)
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            if isinstance(saved, dict) and saved.get("key") == key:
+                log.info("synthetic windows: %d of %d tokens read from %s", *saved["windows"].shape, path)
+                return saved["windows"]
+        out = synthetic_windows(model, calibration, cfg, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"key": key, "windows": out}, tmp)
+        tmp.replace(path)
+        return out
+
+    return from_rank0(sample)
 
 
 def low_rank_correction_(
@@ -531,6 +576,7 @@ CORRECTION_KEYS = (
     "adapt_lr",
     "adapt_rank",
     "lora_synthetic",
+    "lora_synthetic_batch_size",
 )
 """The low-rank correction's options (and the adaptation's before the first shot), which structured and
 sparsity checkpoints both record."""
@@ -604,6 +650,7 @@ ADDED_LATER = {
     "adapt_lr": 3e-4,
     "adapt_rank": 32,
     "lora_synthetic": 0,
+    "lora_synthetic_batch_size": None,
 }
 """Options added after checkpoints first recorded theirs, each with the value that does what a run
 before it did: a checkpoint that lacks one was written with that value."""
@@ -612,7 +659,8 @@ before it did: a checkpoint that lacks one was written with that value."""
 def unused_options(options: dict) -> set[str]:
     """The correction options in ``options`` that change nothing given the others: the low-rank
     correction's when ``lora_steps`` is 0 (except its batch size and held-out guard, which an adaptation
-    uses too) and the adaptation's rate and rank when ``adapt_steps`` is 0."""
+    uses too), the adaptation's rate and rank when ``adapt_steps`` is 0 and the synthetic windows' batch
+    size when ``lora_synthetic`` is 0."""
     unused = set()
     if not options.get("lora_steps"):
         unused |= {k for k in CORRECTION_KEYS if k.startswith("lora_") and k != "lora_steps"}
@@ -620,6 +668,8 @@ def unused_options(options: dict) -> set[str]:
             unused -= {"lora_batch_size", "lora_holdout"}
     if not options.get("adapt_steps"):
         unused |= {"adapt_lr", "adapt_rank"}
+    if not options.get("lora_synthetic"):
+        unused |= {"lora_synthetic_batch_size"}
     return unused
 
 

@@ -54,6 +54,7 @@ def test_correction_variants_map_to_compress_options():
         "ad32": {"adapt_steps": 32},
         "adlr1e-3": {"adapt_lr": 1e-3},
         "syn256": {"lora_synthetic": 256},
+        "synb256": {"lora_synthetic_batch_size": 256},
         "s8": {},
         "band0.1": {},
     }
@@ -89,3 +90,33 @@ def test_quality_method_names_accept_every_correction_variant():
         "surgeon:s4:distil",
     ):
         assert "unknown option" in problem(method), method
+
+
+def test_synthetic_cache_shares_windows_between_runs_with_one_teacher(tmp_path):
+    """--synthetic-cache: the first run with a teacher saves its windows (on_synthetic), a later run with
+    the same teacher, sampling options, calibration and model reads them; any of those differing, or no
+    synthetic windows, does not."""
+    import torch
+
+    cache = _env().synthetic_cache
+    calib = torch.randint(0, 50, (6, 20))
+    opts = dict(method="surgeon", shots=2, lora_steps=4, lora_loss="distill", lora_synthetic=3, adapt_steps=2)
+    quiet = dict(say=lambda msg: None)
+    first = cache(str(tmp_path), "m", calib, 0.2, opts, **quiet)
+    assert set(first) == {"on_synthetic"}
+    windows = torch.randint(0, 50, (3, 20))
+    first["on_synthetic"](windows)
+    assert len(list(tmp_path.glob("synthetic_3_*.pt"))) == 1 and not list(tmp_path.glob("*.tmp*"))
+    again = cache(str(tmp_path), "m", calib, 0.5, opts | {"shots": 4, "lora_rank": 32}, **quiet)  # student options
+    assert set(again) == {"synthetic"} and torch.equal(again["synthetic"], windows)
+    for other in (
+        dict(opts=opts | {"adapt_steps": 4}),
+        dict(opts=opts | {"seed": 1}),
+        dict(opts=opts | {"lora_synthetic": 4}),
+        dict(calib=calib[:5]),
+        dict(model="other"),
+    ):
+        args = dict(model="m", calib=calib, opts=opts) | other
+        got = cache(str(tmp_path), args["model"], args["calib"], 0.2, args["opts"], **quiet)
+        assert set(got) == {"on_synthetic"}, other
+    assert cache(None, "m", calib, 0.2, opts) == {} and cache(str(tmp_path), "m", calib, 0.2, {"shots": 2}) == {}

@@ -362,6 +362,21 @@ def test_correction_options_reach_the_config():
     syn = parse([*argv, "--lora-steps", "4", "--lora-loss", "distill", "--lora-synthetic", "64"])
     check_compress_args(syn)
     assert CompressConfig(**config_fields(syn)).lora_synthetic == 64
+    assert CompressConfig(**config_fields(syn)).lora_synthetic_batch_size is None
+    synb = parse(
+        [
+            *argv,
+            "--lora-steps",
+            "4",
+            "--lora-loss",
+            "distill",
+            "--lora-synthetic",
+            "64",
+            *("--lora-synthetic-batch-size", "32"),
+        ]
+    )
+    check_compress_args(synb)
+    assert CompressConfig(**config_fields(synb)).lora_synthetic_batch_size == 32
     with pytest.raises(SystemExit):
         parse([*argv, "--lora-schedule", "linear"])
     for bad in ("0", "half"):

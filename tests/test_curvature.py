@@ -206,6 +206,7 @@ def test_checkpoints_without_later_options_resume_as_their_defaults(tmp_path):
         "adapt_lr": 3e-4,
         "adapt_rank": 32,
         "lora_synthetic": 0,
+        "lora_synthetic_batch_size": None,
     }
     old = {"ratio": 0.3, "lora_steps": 4}  # saved before lora_holdout / lora_norms / lora_schedule were recorded
     later = dict(ADDED_LATER)

@@ -829,7 +829,109 @@ def test_synthetic_windows_need_a_distilled_correction():
         (dict(lora_synthetic=True, lora_steps=2, lora_loss="distill"), "lora_synthetic must be an int >= 0"),
         (dict(lora_synthetic=4, lora_steps=0, lora_loss="distill"), "teacher's own text for a distilled correction"),
         (dict(lora_synthetic=4, lora_steps=2), "lora_loss='next_token'"),
+        (dict(lora_synthetic_batch_size=0), "lora_synthetic_batch_size must be an int >= 1"),
+        (dict(lora_synthetic_batch_size=2.0), "lora_synthetic_batch_size must be an int >= 1"),
     ):
         with pytest.raises(ValueError, match=match):
             sf.CompressConfig(ratio=0.2, method="surgeon", **bad)
     sf.CompressConfig(ratio=0.2, method="surgeon", lora_synthetic=4, lora_steps=2, lora_loss="distill+next_token")
+
+
+def _synthetic_run(calib, **kw):
+    """A tiny distilled run with an adaptation and synthetic windows; the windows it used and its weights."""
+    got = []
+    opts = dict(method="surgeon", shots=2, batch_size=2, lora_steps=1, lora_loss="distill", seed=4)
+    opts |= dict(adapt_steps=2, adapt_lr=1e-2) | kw
+    out = sf.compress(tiny_model("llama"), 0.2, calibration=calib, progress=False, on_synthetic=got.append, **opts)
+    return got, out.state_dict()
+
+
+def test_synthetic_windows_given_instead_of_sampled(monkeypatch):
+    """compress(synthetic=W) with the windows an earlier run sampled (on_synthetic) samples nothing and
+    gives exactly that run's model; lora_synthetic may be left at 0 or equal len(W)."""
+    import surgeon_fx.shots as shots
+
+    calib = ids(6, 20, seed=3)
+    (windows,), want = _synthetic_run(calib, lora_synthetic=5)
+    assert windows.shape == (5, 20) and windows.dtype == torch.long
+
+    def refuse(*a, **k):
+        raise AssertionError("sampled although the windows were given")
+
+    monkeypatch.setattr(shots, "synthetic_windows", refuse)
+    for extra in ({}, {"lora_synthetic": 5}):
+        seen, got = _synthetic_run(calib, synthetic=windows.clone(), **extra)
+        assert seen == []  # on_synthetic: only for sampled windows
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(AssertionError, match="sampled although"):
+        _synthetic_run(calib, lora_synthetic=5)  # the spy works: without them it samples
+
+
+def test_synthetic_windows_bad_input():
+    calib = ids(6, 20, seed=3)
+    good = ids(3, 20, seed=5)
+    for bad, match in (
+        (dict(synthetic=good.float()), "int64 token ids as long as the calibration windows"),
+        (dict(synthetic=ids(3, 12, seed=5)), r"as long as the calibration windows \(L = 20\)"),
+        (dict(synthetic=good[0]), r"synthetic must be a non-empty \(M, L\) tensor"),
+        (dict(synthetic=good[:0]), r"synthetic must be a non-empty \(M, L\) tensor"),
+        (dict(synthetic=good.tolist()), r"synthetic must be a non-empty \(M, L\) tensor"),
+        (dict(synthetic=good, lora_synthetic=4), "lora_synthetic=4 but synthetic holds 3 windows"),
+        (dict(synthetic=good + 10**6), r"synthetic holds token ids outside \[0, "),
+        (dict(synthetic=good, lora_steps=0), "teacher's own text for a distilled correction"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            _synthetic_run(calib, **bad)
+
+
+def test_synthetic_windows_kept_for_a_resumed_run(monkeypatch, caplog, tmp_path):
+    """With checkpoint_dir the sampled windows are written there (synthetic.pt) and a rerun reads them
+    back instead of sampling (same model as sampling); a run with other sampling options samples anew."""
+    import surgeon_fx.shots as shots
+
+    calib = ids(6, 20, seed=3)
+    ckpt = tmp_path / "ckpt"
+    (windows,), want = _synthetic_run(calib, lora_synthetic=5, checkpoint_dir=str(ckpt))
+    saved = torch.load(ckpt / shots.SYNTHETIC_FILE, weights_only=True)
+    assert torch.equal(saved["windows"], windows) and not list(ckpt.glob("*.tmp"))
+    (fresh,), _ = _synthetic_run(calib, lora_synthetic=5)
+    assert torch.equal(fresh, windows)  # the file changes nothing
+
+    calls = []
+    real = shots.synthetic_windows
+    monkeypatch.setattr(shots, "synthetic_windows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with caplog.at_level("INFO", logger="surgeon_fx"):
+        (again,), got = _synthetic_run(calib, lora_synthetic=5, checkpoint_dir=str(ckpt))
+    assert calls == [] and "synthetic windows: 5 of 20 tokens read from" in caplog.text
+    assert torch.equal(again, windows) and all(torch.equal(want[k], got[k]) for k in want)
+    cfg = sf.CompressConfig(ratio=0.2, method="surgeon", lora_steps=1, lora_loss="distill", lora_synthetic=5)
+    for other in (dict(seed=5), dict(lora_synthetic=4), dict(lora_batch_size=2)):
+        other_cfg = dataclasses.replace(cfg, checkpoint_dir=str(ckpt), **other)
+        shots.teacher_windows(tiny_model("llama").eval(), calib, other_cfg, progress=False)
+    assert len(calls) == 3  # every other option sampled anew
+    last = tiny_model("llama").eval(), dataclasses.replace(cfg, checkpoint_dir=str(ckpt), lora_batch_size=2)
+    shots.teacher_windows(last[0], calib, last[1], progress=False)
+    assert len(calls) == 3  # the last options again: read back
+    shots.teacher_windows(last[0], calib[:5], last[1], progress=False)
+    assert len(calls) == 4  # other calibration windows: sampled anew
+
+
+def test_synthetic_windows_batch_size(monkeypatch):
+    """lora_synthetic_batch_size: the windows sampled that many at a time (default 8 x lora_batch_size),
+    and other batches draw other windows (a checkpointed run then samples anew)."""
+    import surgeon_fx.data as data
+    import surgeon_fx.shots as shots
+
+    calib = ids(6, 20, seed=3)
+    seen = []
+    real = data.sample_windows
+    monkeypatch.setattr(data, "sample_windows", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
+    cfg = sf.CompressConfig(ratio=0.2, method="surgeon", lora_steps=1, lora_loss="distill", lora_synthetic=4)
+    model = tiny_model("llama").eval()
+    a = shots.synthetic_windows(model, calib, cfg, progress=False)
+    b = shots.synthetic_windows(model, calib, dataclasses.replace(cfg, lora_batch_size=2), progress=False)
+    c = shots.synthetic_windows(model, calib, dataclasses.replace(cfg, lora_synthetic_batch_size=3), progress=False)
+    assert seen == [8, 16, 3]
+    assert torch.equal(a, b) and not torch.equal(a, c)  # 8 and 16 both take the 4 windows at once
+    key = shots.synthetic_key(calib, cfg)
+    assert key != shots.synthetic_key(calib, dataclasses.replace(cfg, lora_synthetic_batch_size=3))
