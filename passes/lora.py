@@ -240,7 +240,7 @@ def apply_low_rank_correction_(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if schedule == "cosine" else None
     order: list[int] = []
     for step in tqdm(range(steps), desc="low-rank correction", disable=not progress, leave=False):
-        if len(order) < batch_size:
+        while len(order) < batch_size:  # fewer windows than a step takes: a window may come twice
             order += torch.randperm(len(windows), generator=gen).tolist()
         pick, order = order[:batch_size], order[batch_size:]
         opt.zero_grad(set_to_none=True)

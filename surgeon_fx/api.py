@@ -8,6 +8,7 @@ scores -> plan -> rewrite, each stage public in :mod:`surgeon_fx.passes`; same s
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -563,6 +564,7 @@ def compress(
     on_adapt=None,
     synthetic=None,
     on_synthetic=None,
+    preset: str | None = None,
     **options,
 ) -> nn.Module:
     """Return a smaller copy of ``model`` with ``ratio`` of its parameters physically removed.
@@ -594,6 +596,10 @@ def compress(
             ``on_synthetic`` received in an earlier run with the same teacher (the same model,
             calibration and adaptation options), to spare the sampling. ``lora_synthetic`` may be
             left at 0 (it becomes M) or must equal M; needs a distilled correction like it.
+        preset: ``"quality"`` fills the options not given with the settings measured best
+            (:mod:`surgeon_fx.presets`: an adaptation, synthetic windows and a distilled correction
+            after every shot; slower, and needs calibration); ``None`` (default): the options as given.
+            Not with ``config``.
         on_synthetic: optional ``on_synthetic(windows)`` called once with the synthetic windows, when
             ``lora_synthetic`` samples them (or reads them back from ``checkpoint_dir``), before the
             first shot.
@@ -616,6 +622,14 @@ def compress(
     from .shots import run_shots
     from .tracing import vocab_size_of
 
+    if preset is not None:
+        from .presets import preset_options
+
+        if config is not None:
+            raise ValueError("pass preset or config, not both (a config already sets every option)")
+        filled = {k: v for k, v in preset_options(preset, ratio, options.get("sparsity")).items() if k not in options}
+        logging.getLogger("surgeon_fx").info("preset %r sets %s", preset, filled)
+        options = filled | options
     fields = {} if config is None else {k: getattr(config, k) for k in config.__dataclass_fields__}
     fields.update(options)
     fields["ratio"] = ratio

@@ -54,6 +54,29 @@ def config_fields(args) -> dict:
     return kw
 
 
+class _Given(argparse.Action):
+    """Stores the option's value and records its name in ``namespace.given`` (sorted), so that a
+    ``--preset`` fills only the options not given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = sorted({*getattr(namespace, "given", []), self.dest})
+
+
+def apply_preset(args) -> None:
+    """Fill the options ``--preset`` sets (:func:`surgeon_fx.presets.preset_options`) that the command
+    line did not give (``args.given``), in ``args``; nothing without ``--preset``."""
+    from .presets import preset_options
+
+    if getattr(args, "preset", None) is None:
+        return
+    ratio = args.ratio if args.ratio is not None else (0.0 if args.sparsity is not None else 0.3)
+    given = set(getattr(args, "given", []))
+    for key, value in preset_options(args.preset, ratio, args.sparsity).items():
+        if key not in given:
+            setattr(args, key, value)
+
+
 def _band(text: str) -> float | str:
     """``--sparsity-band``: a float, or ``none`` (no bounds)."""
     if text.strip().lower() == "none":
@@ -67,7 +90,8 @@ def _band(text: str) -> float | str:
 def check_compress_args(args) -> None:
     """Validate the options of ``surgeon-fx compress`` and fill in the defaults that depend on others.
 
-    ``--ratio`` defaults to 0.3, or to 0 (sparsify only) with ``--sparsity``; ``--sparsity-scope`` to
+    ``--preset`` fills the options it sets that were not given (:func:`apply_preset`); ``--ratio``
+    defaults to 0.3, or to 0 (sparsify only) with ``--sparsity``; ``--sparsity-scope`` to
     ``global``, ``--sparsity-rows`` to ``auto`` and ``--chunk-size`` to 1024.
 
     Raises:
@@ -76,6 +100,7 @@ def check_compress_args(args) -> None:
     from .api import METHODS, SPARSE_METHODS, CompressConfig
     from .patterns import parse_sparsity
 
+    apply_preset(args)
     sparse = args.sparsity is not None
     if args.ratio is None:
         args.ratio = 0.0 if sparse else 0.3
@@ -222,7 +247,18 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
         help="how atoms (with --sparsity: weights) are scored (default magnitude); wanda and sparsegpt only "
         "sparsify (--sparsity with --ratio 0); published: Python API only",
     )
-    c.add_argument("--shots", type=int, default=None, help="shots of the linear schedule (default: the method's)")
+    c.add_argument(
+        "--preset",
+        default=None,
+        choices=("quality",),
+        help="quality: the settings measured best (an adaptation of the unpruned model, windows of its own "
+        "text, a distilled correction after every shot; surgeon_fx.presets), for --shots, --lora-steps, "
+        "--lora-rank, --lora-lr, --lora-loss, --lora-batch-size, --adapt-steps and --lora-synthetic where not "
+        "given; slower and needs more memory (default: none)",
+    )
+    c.add_argument(
+        "--shots", action=_Given, type=int, default=None, help="shots of the linear schedule (default: the method's)"
+    )
     add_basis_kinds(c)
     c.add_argument("--uniform", action="store_true", help="same widths in every layer (loads with stock transformers)")
     c.add_argument("--multiple", type=int, default=1, help="with --uniform: keep widths a multiple of this many atoms")
@@ -304,6 +340,7 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     )
     c.add_argument(
         "--lora-steps",
+        action=_Given,
         type=int,
         default=0,
         help="after every shot, this many Adam steps of a low-rank correction on the calibration "
@@ -312,13 +349,15 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     )
     c.add_argument(
         "--lora-rank",
+        action=_Given,
         type=_lora_rank,
         default=8,
         help="rank of that correction (default 8), or 'full': train the remaining weights themselves (use a lower --lora-lr)",
     )
-    c.add_argument("--lora-lr", type=float, default=3e-4, help="its Adam learning rate (default 3e-4)")
+    c.add_argument("--lora-lr", action=_Given, type=float, default=3e-4, help="its Adam learning rate (default 3e-4)")
     c.add_argument(
         "--lora-batch-size",
+        action=_Given,
         type=int,
         default=None,
         help="calibration windows per step of that correction (default: --batch-size); steps larger than "
@@ -333,6 +372,7 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     )
     c.add_argument(
         "--lora-loss",
+        action=_Given,
         default="next_token",
         choices=LORA_LOSSES,
         help="what it trains on: the calibration text's next tokens (default), the original model's "
@@ -372,6 +412,7 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     )
     c.add_argument(
         "--adapt-steps",
+        action=_Given,
         type=int,
         default=0,
         help="before the first shot, this many next-token correction steps on the unpruned model, merged: "
@@ -381,6 +422,7 @@ def add_compress_parser(sub, model_arg, device_arg, text_args, func, epilog: str
     c.add_argument("--adapt-rank", type=_lora_rank, default=32, help="that adaptation's rank (default 32), or 'full'")
     c.add_argument(
         "--lora-synthetic",
+        action=_Given,
         type=int,
         default=0,
         metavar="N",

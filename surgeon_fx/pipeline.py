@@ -238,7 +238,7 @@ def _run(args, argv: list[str], stack: contextlib.ExitStack) -> Path:
     from .tracing import trace
 
     main, world = is_main(), rank_and_world()[1]
-    skip = {"out", "force", "restart", "device", "func", "command", "argv"}
+    skip = {"out", "force", "restart", "device", "func", "command", "argv", "given"}
     fingerprint = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     rd = RunDir(args.out, fingerprint, force=args.force, restart=args.restart, write=main)
     # rank 0 alone looks at the disk and decides (resume or not, or refuse); the other ranks follow

@@ -205,6 +205,26 @@ def test_micro_batches_train_as_one_pass(distill):
     assert any(not torch.equal(v, tiny_model("llama").state_dict()[k]) for k, v in w_one.items())
 
 
+def test_steps_larger_than_the_windows():
+    """A step of more windows than there are (8 of 3) takes each window at least twice, in passes of
+    micro-batches like any step: the losses equal a run on those windows repeated (an exact oracle,
+    the step's mean over 8 windows of 3 distinct ones, up to the order)."""
+    few = ids(3, 12, seed=4)
+    model = tiny_model("llama")
+    gm = sf.trace(model)
+    annotate_groups(gm)
+    kw = dict(steps=2, rank="full", lr=1e-4, seed=2, progress=False)  # full rank: the seed only orders windows
+    losses = apply_low_rank_correction_(gm, few, batch_size=8, micro_batch_size=3, **kw).losses
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    gen = torch.Generator().manual_seed(2)
+    order = []
+    while len(order) < 8:
+        order += torch.randperm(3, generator=gen).tolist()
+    first = order[:8]
+    want = sum(_mean_ce(tiny_model("llama"), few[i : i + 1]) for i in first) / 8  # step 1: before any update
+    assert losses[0] == pytest.approx(want, rel=1e-5)
+
+
 def _mean_ce(model, windows):
     with torch.no_grad():
         lg = model(input_ids=windows, use_cache=False).logits
