@@ -65,14 +65,14 @@ class _Given(argparse.Action):
 
 def apply_preset(args) -> None:
     """Fill the options ``--preset`` sets (:func:`surgeon_fx.presets.preset_options`) that the command
-    line did not give (``args.given``), in ``args``; nothing without ``--preset``."""
+    line did not give (``args.given``), in ``args``; nothing without ``--preset``. Called by
+    :func:`check_compress_args` once ``args.ratio`` holds its default."""
     from .presets import preset_options
 
     if getattr(args, "preset", None) is None:
         return
-    ratio = args.ratio if args.ratio is not None else (0.0 if args.sparsity is not None else 0.3)
     given = set(getattr(args, "given", []))
-    for key, value in preset_options(args.preset, ratio, args.sparsity).items():
+    for key, value in preset_options(args.preset, args.ratio, args.sparsity).items():
         if key not in given:
             setattr(args, key, value)
 
@@ -100,10 +100,10 @@ def check_compress_args(args) -> None:
     from .api import METHODS, SPARSE_METHODS, CompressConfig
     from .patterns import parse_sparsity
 
-    apply_preset(args)
     sparse = args.sparsity is not None
     if args.ratio is None:
         args.ratio = 0.0 if sparse else 0.3
+    apply_preset(args)
     if not 0.0 <= args.ratio < 1.0:
         raise ValueError(f"--ratio must be in [0, 1), got {args.ratio} (0.3 removes 30% of the parameters)")
     for name in (

@@ -344,8 +344,7 @@ def synthetic_key(calibration: torch.Tensor, cfg) -> dict:
     import hashlib
 
     keys = ("seed", "precision", "batch_size", "lora_batch_size", "lora_holdout", "lora_synthetic")
-    keys += ("lora_synthetic_batch_size",)
-    keys += ("adapt_steps", "adapt_lr", "adapt_rank")
+    keys += ("lora_synthetic_batch_size", "adapt_steps", "adapt_lr", "adapt_rank")
     digest = hashlib.sha256(calibration.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     return {k: getattr(cfg, k) for k in keys} | {"calibration": f"{tuple(calibration.shape)} {digest}"}
 
