@@ -244,12 +244,18 @@ class CompressConfig:
             such windows with 32 adaptation steps and the full-rank distilled correction at lr 1e-4
             (20 shots) gave 22.24 / 26.89 / 32.22 / 42.11 / 58.21 at 90-50%, the best at 80-50%
             measured (without them 22.20 / 27.33 / 35.15 / 49.32 / 83.97), and unstructured 50%
-            28.58 (without: 28.88); sampling them took 540 s on a shared GPU. With ``checkpoint_dir``
-            they are kept there for a resumed run; ``compress(synthetic=...)`` takes them given.
+            28.58 (without: 28.88); sampling them took 540 s on a shared GPU. Session 17
+            (``benchmarks/results/h200_session17/``): with them, unstructured 50% 27.66 with the
+            full-rank correction at lr 1e-4 (4 shots of 64 steps) and 2:4 40.16 with rank 32 at lr
+            3e-3 (2 shots of 256 steps; 47.50 without them at 128 steps, 41.76 with them at 128).
+            With ``checkpoint_dir`` they are kept there for a resumed run;
+            ``compress(synthetic=...)`` takes them given.
         lora_synthetic_batch_size: how many of those windows are sampled at once (``None``, default:
             ``8 * lora_batch_size``). Each batch takes one model call per token, so larger batches
             sample faster where memory allows (their key/value caches grow with it); other values
-            sample other windows (same seed and batch size, same windows).
+            sample other windows (same seed and batch size, same windows). 256 windows of 2048 tokens
+            for SmolLM2-135M: 144 s at 256 at once alone on an H200 (``h200_session17/``), about
+            235 s at 64 (58.7 s per 64 in ``h200_session16/``).
     """
 
     ratio: float

@@ -27,10 +27,16 @@ def test_quality_preset_values():
     )
     assert [preset_options("quality", r)["shots"] for r in (0.3, 0.2, 0.1, 0.01, 0.51)] == [12, 8, 4, 1, 21]
     u = preset_options("quality", 0.0, "unstructured")
-    assert (u["shots"], u["lora_steps"], u["lora_rank"], u["lora_lr"], u["lora_synthetic"]) == (4, 64, 32, 3e-4, 256)
+    assert (u["shots"], u["lora_steps"], u["lora_rank"], u["lora_lr"], u["lora_synthetic"]) == (
+        4,
+        64,
+        "full",
+        1e-4,
+        256,
+    )
     nm = preset_options("quality", 0.0, "2:4")
-    assert (nm["shots"], nm["lora_steps"], nm["lora_rank"], nm["lora_lr"], nm["adapt_steps"]) == (2, 128, 32, 3e-3, 32)
-    assert "lora_synthetic" not in nm
+    assert (nm["shots"], nm["lora_steps"], nm["lora_rank"], nm["lora_lr"], nm["adapt_steps"]) == (2, 256, 32, 3e-3, 32)
+    assert nm["lora_synthetic"] == 256
     for ratio, sparsity in ((0.5, None), (0.0, "unstructured"), (0.0, "2:4"), (0.2, "2:4")):
         opts = preset_options("quality", ratio, sparsity)
         sf.CompressConfig(ratio=ratio, method="surgeon", sparsity=sparsity, **opts)  # every set is valid
@@ -68,7 +74,7 @@ def test_compress_preset_fills_only_what_is_not_given(monkeypatch):
     cfg = _config_of(monkeypatch, preset="quality", lora_rank=32, lora_lr=1e-3, shots=3)
     assert (cfg.lora_rank, cfg.lora_lr, cfg.shots, cfg.lora_steps) == (32, 1e-3, 3, 32)
     cfg = _config_of(monkeypatch, preset="quality", ratio=0.0, sparsity="2:4")
-    assert (cfg.shots, cfg.lora_steps, cfg.lora_lr, cfg.lora_synthetic) == (2, 128, 3e-3, 0)
+    assert (cfg.shots, cfg.lora_steps, cfg.lora_lr, cfg.lora_synthetic) == (2, 256, 3e-3, 256)
 
 
 def test_compress_preset_bad_input():
@@ -100,7 +106,7 @@ def test_cli_preset_fills_only_flags_not_given():
     args = parse(["compress", "--out", "x", "--preset", "quality", "--sparsity", "unstructured"])
     check_compress_args(args)
     cfg = sf.CompressConfig(**config_fields(args))
-    assert (cfg.ratio, cfg.shots, cfg.lora_steps, cfg.lora_rank, cfg.lora_lr) == (0.0, 4, 64, 32, 3e-4)
+    assert (cfg.ratio, cfg.shots, cfg.lora_steps, cfg.lora_rank, cfg.lora_lr) == (0.0, 4, 64, "full", 1e-4)
     plain = parse(["compress", "--out", "x"])
     check_compress_args(plain)
     assert sf.CompressConfig(**config_fields(plain)).lora_steps == 0  # no preset: the defaults
