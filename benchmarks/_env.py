@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import surgeon_fx as sf
+from surgeon_fx.rundir import write_atomic
 
 
 def versions() -> dict:
@@ -130,9 +131,7 @@ def synthetic_cache(folder: str | None, model: str, calibration: torch.Tensor, r
 
     def save(windows: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save(windows, tmp)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: torch.save(windows, tmp), unique=True)
         say(f"synthetic windows saved to {path}")
 
     return {"on_synthetic": save}

@@ -12,9 +12,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["RunDir", "OutputExistsError"]
+__all__ = ["RunDir", "OutputExistsError", "write_atomic"]
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], *, unique: bool = False) -> Path:
+    """Write a file in one step: ``write(tmp)`` fills a temporary file beside ``path``, which then
+    replaces ``path`` (:func:`os.replace`), so a reader or a crash sees the old file or the new one,
+    never half of one. If ``write`` raises, the temporary file is removed and the error goes on.
+    ``unique`` puts the process id in the temporary name, for several processes writing one path.
+    Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid() if unique else ''}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 class OutputExistsError(Exception):
@@ -81,9 +99,8 @@ class RunDir:
     def save(self) -> None:
         if not self.write:
             return
-        tmp = self.partial / "run.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=1, default=str))
-        tmp.replace(self.partial / "run.json")
+        text = json.dumps(self.state, indent=1, default=str)
+        write_atomic(self.partial / "run.json", lambda tmp: tmp.write_text(text))
 
     def done(self, stage: str):
         return self.state["done"].get(stage)

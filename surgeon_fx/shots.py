@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .ir import Plan
 from .keys import CURVATURE, PLAN, SCORES, SOURCE
+from .rundir import write_atomic
 from .tracing import trace
 
 __all__ = [
@@ -370,9 +371,7 @@ def teacher_windows(model: nn.Module, calibration: torch.Tensor, cfg, *, progres
                 return saved["windows"]
         out = synthetic_windows(model, calibration, cfg, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "windows": out}, tmp)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: torch.save({"key": key, "windows": out}, tmp))
         return out
 
     return from_rank0(sample)
@@ -619,11 +618,8 @@ def _save(work: nn.Module, plan: Plan, shot: int, ckpt: Path, cfg) -> None:
 
     ckpt.mkdir(parents=True, exist_ok=True)
     state = json.dumps({"shot": shot, "plan": plan.to_dict(), "config": _run_state(cfg)})
-    tmp = ckpt / "weights.safetensors.tmp"
-    save_model(work, str(tmp), metadata={STATE_KEY: state})
-    tmp.replace(ckpt / "weights.safetensors")
-    (ckpt / "state.json.tmp").write_text(state)
-    (ckpt / "state.json.tmp").replace(ckpt / "state.json")
+    write_atomic(ckpt / "weights.safetensors", lambda tmp: save_model(work, str(tmp), metadata={STATE_KEY: state}))
+    write_atomic(ckpt / "state.json", lambda tmp: tmp.write_text(state))
 
 
 STATE_KEY = "surgeon_fx_state"

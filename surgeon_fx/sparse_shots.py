@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .keys import MASKS
 from .patterns import parse_sparsity
+from .rundir import write_atomic
 from .tracing import trace
 
 __all__ = ["SparsityReport", "run_sparsity_shots"]
@@ -112,9 +113,7 @@ def _save_shot(work: nn.Module, masks: dict[str, torch.Tensor], shot: int, cfg, 
     ckpt.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in masks.items()}, str(ckpt / f"masks-{shot}.safetensors"))
     meta = {"surgeon_fx_sparsity": json.dumps({"shot": shot, **_state_of(cfg)})}
-    tmp = ckpt / f"{WEIGHTS}.tmp"
-    save_model(work, str(tmp), metadata=meta)
-    tmp.replace(ckpt / WEIGHTS)
+    write_atomic(ckpt / WEIGHTS, lambda tmp: save_model(work, str(tmp), metadata=meta))
     for old in ckpt.glob("masks-*.safetensors"):
         if old.name != f"masks-{shot}.safetensors":
             old.unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -433,3 +434,25 @@ def test_compress_real_smollm2_end_to_end(tmp_path):
     with torch.no_grad():
         ours = model(input_ids=torch.arange(100, 116)[None], use_cache=False).logits
     assert torch.equal(ours, torch.load(tmp_path / "stock.pt"))
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
+    """A file written through write_atomic is the old one or the new one: a writer that fails midway
+    leaves the old file and no temporary file; unique names keep processes apart."""
+    from surgeon_fx.rundir import write_atomic
+
+    path = tmp_path / "state.json"
+    assert write_atomic(path, lambda tmp: tmp.write_text("old")) == path
+    assert path.read_text() == "old"
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, fails)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    seen = []
+    write_atomic(path, lambda tmp: seen.append(tmp.name) or tmp.write_text("new"), unique=True)
+    assert path.read_text() == "new" and seen[0] == f"state.json.tmp{os.getpid()}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
