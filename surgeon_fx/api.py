@@ -550,11 +550,14 @@ def check_calibration(calibration, vocab_size: int | None) -> torch.Tensor:
             f"calibration data is empty or too short: got {tuple(calibration.shape)} windows, need N >= 1 windows "
             "of L >= 2 tokens (128 x 2048 is the paper's setting)"
         )
-    if vocab_size is not None and (int(calibration.min()) < 0 or int(calibration.max()) >= vocab_size):
-        raise ValueError(
-            f"calibration holds token ids outside [0, {vocab_size}); was it made with this model's tokenizer?"
-        )
+    _check_in_vocab(calibration, vocab_size, "calibration", "was it made with this model's tokenizer?")
     return calibration.long()
+
+
+def _check_in_vocab(ids: torch.Tensor, vocab_size: int | None, name: str, question: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``ids`` holds a token id outside ``[0, vocab_size)``."""
+    if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name} holds token ids outside [0, {vocab_size}); {question}")
 
 
 def compress(
@@ -666,7 +669,8 @@ def compress(
                 f"{who} needs calibration windows: pass calibration=surgeon_fx.data."
                 f"calibration_windows('wiki', tokenizer, n=128, seq_len=2048), or {instead}"
             )
-        calibration = check_calibration(calibration, vocab_size_of(model))
+        vocab = vocab_size_of(model)
+        calibration = check_calibration(calibration, vocab)
         if (cfg.lora_steps or cfg.adapt_steps) and cfg.lora_holdout >= len(calibration):
             raise ValueError(
                 f"lora_holdout={cfg.lora_holdout} holds out every one of the {len(calibration)} calibration "
@@ -678,9 +682,7 @@ def compress(
                     f"synthetic windows must be int64 token ids as long as the calibration windows (L = "
                     f"{calibration.shape[1]}), got {synthetic.dtype} {tuple(synthetic.shape)}"
                 )
-            vocab = vocab_size_of(model)
-            if vocab is not None and (int(synthetic.min()) < 0 or int(synthetic.max()) >= vocab):
-                raise ValueError(f"synthetic holds token ids outside [0, {vocab}); were they sampled from this model?")
+            _check_in_vocab(synthetic, vocab, "synthetic", "were they sampled from this model?")
             synthetic = synthetic.long()
     torch.manual_seed(cfg.seed)
     if not isinstance(inplace, bool):
