@@ -248,6 +248,8 @@ class CompressConfig:
             (``benchmarks/results/h200_session17/``): with them, unstructured 50% 27.66 with the
             full-rank correction at lr 1e-4 (4 shots of 64 steps) and 2:4 40.16 with rank 32 at lr
             3e-3 (2 shots of 256 steps; 47.50 without them at 128 steps, 41.76 with them at 128).
+            Session 18 (``h200_session18/``): 512 windows, 2 shots of 384 steps at lr 2e-3 gave
+            37.60 in 2:4 (256 steps: 38.92; 512 steps at lr 3e-3 with 256 windows 38.96).
             With ``checkpoint_dir`` they are kept there for a resumed run;
             ``compress(synthetic=...)`` takes them given.
         lora_synthetic_batch_size: how many of those windows are sampled at once (``None``, default:

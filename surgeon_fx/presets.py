@@ -7,7 +7,7 @@ let every explicit option win), and every set it returns makes a valid
 
 ``"quality"`` is what gave the best perplexities on the H200 protocols (SmolLM2-135M, 128 x 2048
 calibration windows, WikiText-2 at 2048 tokens, dense 21.61; ``benchmarks/results/h200_session16/``
-and ``h200_session17/``):
+to ``h200_session18/``):
 
 - structures: shots of 2.5% of the parameters each, 32 adaptation steps of the unpruned model, 256
   windows of the adapted teacher's own text, and after every shot 32 steps of 8 windows of a
@@ -16,15 +16,16 @@ and ``h200_session17/``):
   63.76 / 103.26 in 40 shots);
 - unstructured sparsity: 4 shots, the same adaptation and synthetic windows, 64 steps per shot of
   the same full-rank distilled correction at lr 1e-4: 27.66 at 50% (rank 32 at lr 3e-4: 28.58);
-- N:M sparsity: 2 shots, the same adaptation and synthetic windows, 256 steps per shot of a rank-32
-  distilled correction at lr 3e-3: 40.16 in 2:4 (full rank at lr 1e-4 with 128 steps: 43.95).
+- N:M sparsity: 2 shots, the same adaptation, 512 synthetic windows, 384 steps per shot of a rank-32
+  distilled correction at lr 2e-3: 37.60 in 2:4 (with 256 windows and 256 steps at lr 3e-3: 40.16;
+  full rank at lr 1e-4 with 128 steps: 43.95).
 
 It costs time and memory: the adaptation, sampling the synthetic windows, a frozen copy of the
 model as the teacher, and with ``lora_rank="full"`` three float32 copies of the decoder weights (the
 update and Adam's moments). Sampling 256 windows for SmolLM2-135M took 540 s on an H200 shared by
 three runs at the default 64 windows at once (the structured result), 144 s alone on an H200 at
-256 at once (``lora_synthetic_batch_size=256``, the sparse results; the preset keeps the default,
-whose key/value caches are four times smaller). On a GPU pass ``precision="mixed"`` too (the
+256 at once (``lora_synthetic_batch_size=256``, the sparse results; 512 windows 306 s; the preset
+keeps the default, whose key/value caches are four times smaller). On a GPU pass ``precision="mixed"`` too (the
 measured runs did). Combined runs (structures removed, then sparsity) take the sparsity's settings.
 """
 
@@ -58,4 +59,4 @@ def preset_options(name: str, ratio: float, sparsity: str | None = None) -> dict
         return teacher | {"shots": shots, "lora_synthetic": 256, "lora_steps": 32, "lora_rank": "full", "lora_lr": 1e-4}
     if str(sparsity).strip().lower() == "unstructured":
         return teacher | {"shots": 4, "lora_synthetic": 256, "lora_steps": 64, "lora_rank": "full", "lora_lr": 1e-4}
-    return teacher | {"shots": 2, "lora_synthetic": 256, "lora_steps": 256, "lora_rank": 32, "lora_lr": 3e-3}
+    return teacher | {"shots": 2, "lora_synthetic": 512, "lora_steps": 384, "lora_rank": 32, "lora_lr": 2e-3}

@@ -35,8 +35,8 @@ def test_quality_preset_values():
         256,
     )
     nm = preset_options("quality", 0.0, "2:4")
-    assert (nm["shots"], nm["lora_steps"], nm["lora_rank"], nm["lora_lr"], nm["adapt_steps"]) == (2, 256, 32, 3e-3, 32)
-    assert nm["lora_synthetic"] == 256
+    assert (nm["shots"], nm["lora_steps"], nm["lora_rank"], nm["lora_lr"], nm["adapt_steps"]) == (2, 384, 32, 2e-3, 32)
+    assert nm["lora_synthetic"] == 512
     for ratio, sparsity in ((0.5, None), (0.0, "unstructured"), (0.0, "2:4"), (0.2, "2:4")):
         opts = preset_options("quality", ratio, sparsity)
         sf.CompressConfig(ratio=ratio, method="surgeon", sparsity=sparsity, **opts)  # every set is valid
@@ -74,7 +74,7 @@ def test_compress_preset_fills_only_what_is_not_given(monkeypatch):
     cfg = _config_of(monkeypatch, preset="quality", lora_rank=32, lora_lr=1e-3, shots=3)
     assert (cfg.lora_rank, cfg.lora_lr, cfg.shots, cfg.lora_steps) == (32, 1e-3, 3, 32)
     cfg = _config_of(monkeypatch, preset="quality", ratio=0.0, sparsity="2:4")
-    assert (cfg.shots, cfg.lora_steps, cfg.lora_lr, cfg.lora_synthetic) == (2, 256, 3e-3, 256)
+    assert (cfg.shots, cfg.lora_steps, cfg.lora_lr, cfg.lora_synthetic) == (2, 384, 2e-3, 512)
 
 
 def test_compress_preset_bad_input():
