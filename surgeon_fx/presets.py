@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 import numbers
 
+from .patterns import parse_sparsity
+
 __all__ = ["PRESETS", "SHOT_SIZE", "preset_options"]
 
 PRESETS = ("quality",)
@@ -48,7 +50,8 @@ def preset_options(name: str, ratio: float, sparsity: str | None = None) -> dict
     ``sparsity`` (``None``, ``"unstructured"`` or ``"N:M"``).
 
     Raises:
-        ValueError: an unknown preset name.
+        ValueError: an unknown preset name, or ``sparsity`` that
+            :func:`surgeon_fx.patterns.parse_sparsity` rejects.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} (or pass the options yourself)")
@@ -57,6 +60,6 @@ def preset_options(name: str, ratio: float, sparsity: str | None = None) -> dict
         ok = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0 < ratio < 1
         shots = max(1, math.ceil(ratio / SHOT_SIZE - 1e-9)) if ok else 1  # a bad ratio: compress names it
         return teacher | {"shots": shots, "lora_synthetic": 256, "lora_steps": 32, "lora_rank": "full", "lora_lr": 1e-4}
-    if str(sparsity).strip().lower() == "unstructured":
+    if parse_sparsity(sparsity) == "unstructured":
         return teacher | {"shots": 4, "lora_synthetic": 256, "lora_steps": 64, "lora_rank": "full", "lora_lr": 1e-4}
     return teacher | {"shots": 2, "lora_synthetic": 512, "lora_steps": 384, "lora_rank": 32, "lora_lr": 2e-3}

@@ -42,6 +42,8 @@ def test_quality_preset_values():
         sf.CompressConfig(ratio=ratio, method="surgeon", sparsity=sparsity, **opts)  # every set is valid
     with pytest.raises(ValueError, match="unknown preset 'best'; choose one of quality"):
         preset_options("best", 0.5)
+    with pytest.raises(ValueError, match="sparsity must be None, 'unstructured' or 'N:M'"):
+        preset_options("quality", 0.0, "Unstructured")  # what compress rejects gets no N:M settings
 
 
 class _Stop(Exception):
