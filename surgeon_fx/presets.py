@@ -25,8 +25,9 @@ model as the teacher, and with ``lora_rank="full"`` three float32 copies of the 
 update and Adam's moments). Sampling 256 windows for SmolLM2-135M took 540 s on an H200 shared by
 three runs at the default 64 windows at once (the structured result), 144 s alone on an H200 at
 256 at once (``lora_synthetic_batch_size=256``, the sparse results; 512 windows 306 s; the preset
-keeps the default, whose key/value caches are four times smaller). On a GPU pass ``precision="mixed"`` too (the
-measured runs did). Combined runs (structures removed, then sparsity) take the sparsity's settings.
+keeps the default, whose key/value caches are four times smaller). On a GPU pass
+``precision="mixed"`` too (the measured runs did). Combined runs (structures removed, then sparsity)
+take the sparsity's settings.
 """
 
 from __future__ import annotations
